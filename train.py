@@ -1,0 +1,50 @@
+"""Command line of the product: ``python train.py {fit,validate,test,predict} --config ...``.
+
+It is LightningCLI over :class:`GatedGNNModule` and :class:`MarketDataModule`, plus a
+``training:`` section (:class:`TrainingConfig`) that configures the product's callbacks. The
+data module's facts (nodes, features, windows, classes) are linked into the model, so a
+config only names them once.
+"""
+
+import logging
+
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks.training_config import TrainingConfig, build_callbacks
+from datamodules.market_datamodule import MarketDataModule
+from lit_models.lit_gated_gnn import GatedGNNModule
+
+
+class GatedGNNCLI(LightningCLI):
+    """LightningCLI with the ``training:`` section and the data-to-model links."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(TrainingConfig, "training")
+        parser.link_arguments("data.window_sizes", "model.window_sizes")
+        parser.link_arguments("data.num_classes", "model.num_classes")
+        parser.link_arguments("data.num_nodes", "model.num_nodes", apply_on="instantiate")
+        parser.link_arguments("data.num_features", "model.num_features", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer with the configured callbacks plus those of the ``training:`` section."""
+        training = self._get(self.config_init, "training")
+        callbacks = [self._get(self.config_init, key)
+                     for key in self._parser(self.subcommand).callback_keys]
+        callbacks += build_callbacks(training)
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(trainer_config, callbacks)
+
+
+def main(args=None) -> GatedGNNCLI:
+    """Run the command line; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return GatedGNNCLI(
+        GatedGNNModule,
+        MarketDataModule,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
