@@ -51,6 +51,6 @@ def predictions_table(predictions: list, dates, nodes) -> pd.DataFrame:
     for k in range(probabilities.shape[1]):
         table[f"prob_{k}"] = probabilities[:, k]
     label = columns["label"].numpy()
-    table["label"] = pd.array(label, dtype="Int64").where(label >= 0)
+    table["label"] = pd.Series(label, dtype="Int64").where(label >= 0)
     table["fwd_return"] = columns["fwd_return"].numpy()
     return table.sort_values(["date", "node"], kind="stable").reset_index(drop=True)

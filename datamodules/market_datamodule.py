@@ -270,7 +270,7 @@ def _split_days(panel: MarketPanel, window: int, horizon: int, fractions, val_st
     """
     first, last_labelled = window, panel.num_days - 2 - horizon
     gap = horizon + 1
-    needed = window + horizon + 2 + 2 * gap + 3
+    needed = window + horizon + 1 + 2 * gap + 3
     if panel.num_days < needed:
         raise DataFormatError(
             f"{panel.source}: only {panel.num_days} trading days after date filtering; the "

@@ -1,0 +1,90 @@
+"""Daily IC and RankIC against a pandas group-by-day reference (the way qlib computes them)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lit_models.metrics import daily_ic
+
+
+def _pandas_reference(days, scores, returns):
+    frame = pd.DataFrame({"day": days, "score": scores, "ret": returns})
+    frame = frame[np.isfinite(frame.score) & np.isfinite(frame.ret)]
+    grouped = frame.groupby("day")
+    ic = grouped.apply(lambda g: g.score.corr(g.ret) if len(g) >= 3 else np.nan,
+                       include_groups=False)
+    rank_ic = grouped.apply(
+        lambda g: g.score.corr(g.ret, method="spearman") if len(g) >= 3 else np.nan,
+        include_groups=False)
+    return ic.dropna(), rank_ic.dropna()
+
+
+def _check_against_pandas(days, scores, returns):
+    result = daily_ic(days, scores, returns)
+    ic, rank_ic = _pandas_reference(days, scores, returns)
+    assert result.days_used == len(ic) == len(rank_ic)
+    assert result.ic == pytest.approx(ic.mean(), abs=1e-12)
+    assert result.rank_ic == pytest.approx(rank_ic.mean(), abs=1e-12)
+    assert result.icir == pytest.approx(ic.mean() / ic.std(ddof=1), abs=1e-10)
+    assert result.rank_icir == pytest.approx(rank_ic.mean() / rank_ic.std(ddof=1), abs=1e-10)
+    return result
+
+
+def test_random_days_of_different_sizes():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(5, 60, size=40)
+    days = np.repeat(np.arange(40), sizes)
+    returns = rng.normal(size=len(days))
+    scores = 0.3 * returns + rng.normal(size=len(days))
+    result = _check_against_pandas(days, scores, returns)
+    assert result.days_skipped == 0 and result.ic > 0.1
+
+
+def test_tie_heavy_inputs():
+    rng = np.random.default_rng(1)
+    days = np.repeat(np.arange(30), 25)
+    scores = rng.integers(0, 4, size=len(days)).astype(float)
+    returns = rng.integers(-2, 3, size=len(days)).astype(float)
+    _check_against_pandas(days, scores, returns)
+
+
+def test_nan_and_inf_pairs_are_dropped():
+    rng = np.random.default_rng(2)
+    days = np.repeat(np.arange(20), 15)
+    scores, returns = rng.normal(size=(2, len(days)))
+    scores[rng.random(len(days)) < 0.1] = np.nan
+    returns[rng.random(len(days)) < 0.1] = np.nan
+    returns[5] = np.inf
+    _check_against_pandas(days, scores, returns)
+
+
+def test_constant_and_small_days_are_skipped_and_counted():
+    days = np.array([0] * 5 + [1] * 5 + [2] * 2 + [3] * 4)
+    scores = np.array([1, 2, 3, 4, 5, 7, 7, 7, 7, 7, 1, 2, 0.1, 0.4, 0.2, 0.3])
+    returns = np.array([2, 1, 4, 3, 5, 1, 2, 3, 4, 5, 1, 2, 1.0, 1.0, 1.0, 1.0])
+    result = daily_ic(days, scores, returns)
+    assert result.days_used == 1 and result.days_skipped == 3
+    assert result.ic == pytest.approx(0.8)
+    assert result.rank_ic == pytest.approx(0.8)
+    assert np.isnan(result.icir)  # one day: no spread to divide by
+    np.testing.assert_array_equal(np.isnan(result.daily_ic), [False, True, True, True])
+
+
+def test_documented_tie_example():
+    result = daily_ic([0] * 5, [1, 1, 1, 1, 2], [5, 4, 3, 2, 1])
+    assert result.rank_ic == pytest.approx(-0.7071, abs=1e-4)
+
+
+def test_days_weigh_equally_whatever_their_size():
+    rng = np.random.default_rng(3)
+    big = rng.normal(size=500)
+    days = np.array([0] * 500 + [1] * 4)
+    scores = np.concatenate([big, [1, 2, 3, 4]])
+    returns = np.concatenate([big, [4, 3, 2, 1]])
+    result = daily_ic(days, scores, returns)
+    assert result.ic == pytest.approx(0.0, abs=1e-12)  # (+1 + -1) / 2
+
+
+def test_mismatched_lengths_name_the_lengths():
+    with pytest.raises(ValueError, match="got lengths 3, 2 and 3"):
+        daily_ic([0, 0, 0], [1, 2], [1, 2, 3])
