@@ -5,7 +5,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from callbacks.epoch_summary import EpochSummary
+from callbacks.fit_report import FitReport
 from callbacks.gate_statistics import GateStatistics
+from callbacks.preflight import Preflight
 from callbacks.prediction_writer import PredictionFileWriter
 
 log = logging.getLogger(__name__)
@@ -67,5 +69,11 @@ def build_callbacks(config: TrainingConfig) -> list:
     that save files come last (Lightning also runs checkpoint callbacks after the others).
     """
     callbacks = [GateStatistics(), EpochSummary()]
+    if config.preflight:
+        # First, so that a failed check stops fit before any other callback acts.
+        callbacks.insert(0, Preflight(config.save_dir, config.keep_last, config.min_free_disk_gb,
+                                      config.preflight_dry_run))
     callbacks.append(PredictionFileWriter(config.predictions_path))
+    if config.report:
+        callbacks.append(FitReport(config.save_dir))
     return callbacks
