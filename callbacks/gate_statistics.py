@@ -33,6 +33,8 @@ class _GateAccumulator:
 
     def update(self, gate: torch.Tensor) -> None:
         gate = gate.detach().double()
+        # A step with a NaN/Inf loss (skipped by the NaN guard) must not turn the epoch NaN.
+        gate = gate[torch.isfinite(gate)]
         self.count += gate.numel()
         self.total += float(gate.sum())
         self.total_sq += float((gate ** 2).sum())

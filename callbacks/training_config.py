@@ -7,6 +7,7 @@ from typing import Optional
 from callbacks.epoch_summary import EpochSummary
 from callbacks.fit_report import FitReport
 from callbacks.gate_statistics import GateStatistics
+from callbacks.health import health_callbacks
 from callbacks.preflight import Preflight
 from callbacks.prediction_writer import PredictionFileWriter
 
@@ -69,6 +70,7 @@ def build_callbacks(config: TrainingConfig) -> list:
     that save files come last (Lightning also runs checkpoint callbacks after the others).
     """
     callbacks = [GateStatistics(), EpochSummary()]
+    callbacks += health_callbacks(config)  # NaN/Inf, gradients, OOM, memory, accuracy, alerts
     if config.preflight:
         # First, so that a failed check stops fit before any other callback acts.
         callbacks.insert(0, Preflight(config.save_dir, config.keep_last, config.min_free_disk_gb,

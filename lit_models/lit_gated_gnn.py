@@ -6,17 +6,21 @@ What the module exposes to callbacks (they read, never re-run the model):
   every node with input, detached) and ``num_labelled`` (nodes that entered the loss); Lightning
   hands it to ``on_train_batch_end`` / ``on_validation_batch_end`` as ``outputs``;
 * ``self.model`` is the bare ``GatedGraphNet`` whose ``state_dict`` loads without Lightning;
+* ``enable_batch_splitting(splitter)`` (used for ``training.oom_policy: split``) routes the
+  steps through a :class:`BatchSplitter`, which retries an out-of-memory batch in halves;
 * logged names match the checkpoint keys: ``train_loss``, ``train_accuracy``, ``val_loss``,
   ``val_accuracy``, ``val_IC``, ``val_RankIC``, ``val_ICIR``, ``val_RankICIR`` (and ``test_*``).
 """
 
 import logging
+from typing import Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_models.batch_splitting import BatchSplitter
 from lit_models.batching import GraphBatch, to_graph_batch
 from lit_models.gated_gnn import GatedGraphNet
 from lit_models.metrics import daily_ic
@@ -85,6 +89,15 @@ class GatedGNNModule(L.LightningModule):
             for stage in ("train", "val", "test")
         })
         self._ic_inputs = {"val": [], "test": []}
+        self.batch_splitter: Optional[BatchSplitter] = None
+
+    def enable_batch_splitting(self, splitter: Optional[BatchSplitter]) -> None:
+        """Run training, validation and test steps through ``splitter`` (None: directly).
+
+        The out-of-memory callback sets it for ``training.oom_policy: split``; the steps'
+        returned dicts and logged metrics stay the same.
+        """
+        self.batch_splitter = splitter
 
     def forward(self, batch) -> torch.Tensor:
         """Scores of every node of ``batch`` (any accepted batch format)."""
@@ -97,6 +110,12 @@ class GatedGNNModule(L.LightningModule):
 
     def _loss_and_accuracy(self, stage: str, batch):
         graph = to_graph_batch(batch)
+        output, loss, num_labelled = self._forward_loss(graph)
+        self._record(stage, graph, output, loss, num_labelled)
+        return graph, output, loss, num_labelled
+
+    def _forward_loss(self, graph: GraphBatch):
+        """Model output, mean cross-entropy over labelled nodes, and their count."""
         output = self._run(graph)
         labelled = graph.labelled
         num_labelled = int(labelled.sum())
@@ -105,23 +124,35 @@ class GatedGNNModule(L.LightningModule):
             loss = output.logits.sum() * 0.0
         else:
             loss = F.cross_entropy(output.logits[labelled], graph.label[labelled])
-            self.accuracy[f"{stage}_accuracy"].update(output.logits[labelled].detach(), graph.label[labelled])
+        return output, loss, num_labelled
 
+    def _record(self, stage: str, graph: GraphBatch, output, loss: torch.Tensor,
+                num_labelled: int) -> None:
+        """Update the accuracy and log loss and accuracy, weighted by labelled nodes."""
+        if num_labelled:
+            labelled = graph.labelled
+            self.accuracy[f"{stage}_accuracy"].update(output.logits[labelled].detach(),
+                                                      graph.label[labelled])
         batch_size = max(num_labelled, 1)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=batch_size)
-        self.log(f"{stage}_accuracy", self.accuracy[f"{stage}_accuracy"], on_step=False, on_epoch=True,
-                 prog_bar=True, batch_size=batch_size)
-        return graph, output, loss, num_labelled
+        self.log(f"{stage}_accuracy", self.accuracy[f"{stage}_accuracy"], on_step=False,
+                 on_epoch=True, prog_bar=True, batch_size=batch_size)
 
     def training_step(self, batch, batch_idx: int) -> dict:
+        if self.batch_splitter is not None:
+            return self.batch_splitter.training_step(self, batch)
         _, output, loss, num_labelled = self._loss_and_accuracy("train", batch)
         return {"loss": loss, "gate": output.gate.detach(), "num_labelled": num_labelled}
 
     def validation_step(self, batch, batch_idx: int) -> dict:
+        if self.batch_splitter is not None:
+            return self.batch_splitter.evaluation_step(self, "val", batch)
         return self._evaluation_step("val", batch)
 
     def test_step(self, batch, batch_idx: int) -> dict:
+        if self.batch_splitter is not None:
+            return self.batch_splitter.evaluation_step(self, "test", batch)
         return self._evaluation_step("test", batch)
 
     def _evaluation_step(self, stage: str, batch) -> dict:
