@@ -19,6 +19,8 @@ import argparse
 import filecmp
 import logging
 import sys
+import time
+import warnings
 from pathlib import Path
 
 from callbacks.checkpoint_files import backup_file, classify, files_to_prune
@@ -188,7 +190,10 @@ def doctor_command(args, overrides) -> int:
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
     cli_args = [item for config in args.config for item in ("--config", config)] + overrides
+    started = time.perf_counter()
     cli = _build_cli(cli_args)
+    print(f"Config, model and data of {' '.join(cli_args) or 'the defaults'} built in "
+          f"{time.perf_counter() - started:.1f} s")
     training = cli._get(cli.config_init, "training")
     device = cli.trainer.strategy.root_device
     if args.dry_run or training.preflight_dry_run:
@@ -210,8 +215,11 @@ def _build_cli(cli_args: list):
     from lit_models.lit_gated_gnn import GatedGNNModule
     from train import GatedGNNCLI
 
-    return GatedGNNCLI(GatedGNNModule, MarketDataModule, args=cli_args, run=False,
-                       save_config_kwargs={"overwrite": True})
+    with warnings.catch_warnings():
+        # LightningCLI warns when sys.argv (this command's) and args are both present.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        return GatedGNNCLI(GatedGNNModule, MarketDataModule, args=cli_args, run=False,
+                           save_config_kwargs={"overwrite": True})
 
 
 def _parser() -> argparse.ArgumentParser:

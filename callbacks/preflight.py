@@ -52,8 +52,9 @@ DISK_MARGIN = 2.0
 PROBE_BYTES = 4096
 
 # Floats kept for backward per node, time step and hidden unit: the input projection, the
-# three GRU gates, the new hidden state, plus slack (a Transformer keeps about twice that).
-FLOATS_PER_STEP = {"gru": 8, "transformer": 16}
+# three GRU gates, the new hidden state, plus slack; a Transformer layer keeps about three
+# times that (checked against the tensors autograd saves on the shipped data).
+FLOATS_PER_STEP = {"gru": 8, "transformer": 24}
 # Floats per node and hidden unit outside the encoder: embedding, gate, fusion, head.
 FLOATS_PER_NODE = 8
 # Floats per edge, hidden unit and graph layer: message, attention weight, gathered sum.
@@ -247,6 +248,18 @@ def device_memory(device: torch.device) -> tuple | None:
     if device.type == "mps":
         total = torch.mps.recommended_max_memory()
         return max(total - torch.mps.driver_allocated_memory(), 0), total
+    return _system_memory()
+
+
+def _system_memory() -> tuple | None:
+    # MemAvailable counts reclaimable page cache too, unlike the free-pages count of sysconf.
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return (int(fields["MemAvailable"].split()[0]) * 1024,
+                int(fields["MemTotal"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
     try:
         page = os.sysconf("SC_PAGE_SIZE")
         return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
@@ -272,7 +285,7 @@ def estimate_batch_memory(model, datamodule) -> dict:
     hidden = hp.get("hidden_size", 64)
     encoder = hp.get("encoder", "gru")
     windows = list(data.get("window_sizes", [20, 40, 80]))
-    per_node = BYTES_PER_FLOAT * hidden * (sum(windows) * FLOATS_PER_STEP.get(encoder, 16)
+    per_node = BYTES_PER_FLOAT * hidden * (sum(windows) * FLOATS_PER_STEP.get(encoder, 24)
                                            + FLOATS_PER_NODE)
     if encoder == "transformer":
         per_node += BYTES_PER_FLOAT * hp.get("num_heads", 4) * sum(w * w for w in windows)
@@ -397,14 +410,15 @@ def check_dry_run(model, datamodule, device: torch.device) -> tuple:
     from lit_models.batching import to_graph_batch
 
     started = time.perf_counter()
-    batch = next(iter(datamodule.train_dataloader()))
-    graph = to_graph_batch(move_data_to_device(batch, device))
     was_training = model.training
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     try:
+        # Starting a DataLoader draws a seed and dropout draws numbers: both stay inside.
         with torch.random.fork_rng(devices=fork_devices):
+            batch = next(iter(datamodule.train_dataloader()))
+            graph = to_graph_batch(move_data_to_device(batch, device))
             model.train()
             output = model.model(graph.x, graph.bar_mask, graph.has_input, graph.node_index,
                                  graph.edge_index)
@@ -412,6 +426,7 @@ def check_dry_run(model, datamodule, device: torch.device) -> tuple:
             loss = torch.nn.functional.cross_entropy(output.logits[labelled],
                                                      graph.label[labelled])
             loss.backward()
+        loss_value = loss.item()
         gradients = [p.grad for p in model.parameters() if p.grad is not None]
         finite = all(bool(torch.isfinite(g).all()) for g in gradients)
     finally:
@@ -419,11 +434,11 @@ def check_dry_run(model, datamodule, device: torch.device) -> tuple:
         model.train(was_training)
 
     seconds = time.perf_counter() - started
-    detail = (f"{graph.num_days} day(s), {graph.x.shape[0]} nodes: loss {float(loss):.4f}, "
+    detail = (f"{graph.num_days} day(s), {graph.x.shape[0]} nodes: loss {loss_value:.4f}, "
               f"{seconds:.2f} s")
     if device.type == "cuda":
         detail += f", peak {format_size(torch.cuda.max_memory_allocated(device))}"
-    if not math.isfinite(float(loss)) or not finite:
+    if not math.isfinite(loss_value) or not finite:
         return FAIL, detail + " — NaN/Inf in the loss or gradients: check inputs and lr"
     return OK, detail
 
