@@ -4,12 +4,18 @@ It is LightningCLI over :class:`GatedGNNModule` and :class:`MarketDataModule`, p
 ``training:`` section (:class:`TrainingConfig`) that configures the product's callbacks. The
 data module's facts (nodes, features, windows, classes) are linked into the model, so a
 config only names them once.
+
+Resume: ``--ckpt_path checkpoints/epoch_5.pth`` continues with epoch 6 (epochs count from 0);
+``--ckpt_path last`` takes the newest epoch file of ``training.save_dir`` that loads and
+``--ckpt_path best`` its ``best_model.pth`` (see :mod:`callbacks.resume`).
 """
 
 import logging
 
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.checkpoint import CheckpointManager
+from callbacks.resume import check_resume_compatible, resolve_ckpt_path
 from callbacks.training_config import TrainingConfig, build_callbacks
 from datamodules.market_datamodule import MarketDataModule
 from lit_models.lit_gated_gnn import GatedGNNModule
@@ -32,7 +38,33 @@ class GatedGNNCLI(LightningCLI):
                      for key in self._parser(self.subcommand).callback_keys]
         callbacks += build_callbacks(training)
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if any(isinstance(callback, CheckpointManager) for callback in callbacks):
+            # Lightning refuses a checkpoint callback under enable_checkpointing=False; with
+            # ours in place it adds no ModelCheckpoint of its own either way.
+            trainer_config["enable_checkpointing"] = True
         return self._instantiate_trainer(trainer_config, callbacks)
+
+    def before_fit(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt_path()
+
+    def _resolve_ckpt_path(self) -> None:
+        """``--ckpt_path last``/``best`` become files of ``training.save_dir``; the chosen file
+        is checked against the model before Lightning restores it."""
+        arguments = self.config_init[self.subcommand]
+        training = self._get(self.config_init, "training")
+        path, checkpoint = resolve_ckpt_path(arguments.get("ckpt_path"), training.save_dir)
+        arguments["ckpt_path"] = path
+        if checkpoint is not None:
+            check_resume_compatible(checkpoint, path, self.model, self.datamodule)
 
 
 def main(args=None) -> GatedGNNCLI:

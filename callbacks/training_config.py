@@ -4,6 +4,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from callbacks.checkpoint import CheckpointManager
 from callbacks.epoch_summary import EpochSummary
 from callbacks.fit_report import FitReport
 from callbacks.gate_statistics import GateStatistics
@@ -76,6 +77,7 @@ def build_callbacks(config: TrainingConfig) -> list:
         callbacks.insert(0, Preflight(config.save_dir, config.keep_last, config.min_free_disk_gb,
                                       config.preflight_dry_run))
     callbacks.append(PredictionFileWriter(config.predictions_path))
+    callbacks.append(CheckpointManager(config))  # epoch, best, error and NaN files
     if config.report:
         callbacks.append(FitReport(config.save_dir))
     return callbacks

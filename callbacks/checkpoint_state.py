@@ -1,0 +1,191 @@
+"""What a checkpoint remembers besides the weights: metric histories and random-number state.
+
+Everything here is made of plain Python values (and CPU tensors), so a file that holds it loads
+with ``torch.load(path, weights_only=True)``, the default of Lightning 2.6 on torch >= 2.6.
+"""
+
+import logging
+import math
+import random
+from pathlib import PurePath
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# history key -> logged metric name, per history; ``epoch`` and ``lr`` are added separately.
+TRAIN_HISTORY_METRICS = {
+    "loss": "train_loss",
+    "accuracy": "train_accuracy",
+    "gate_mean": "train_gate_mean",
+    "gate_std": "train_gate_std",
+    "favor_time_ratio": "train_favor_time_ratio",
+}
+VAL_HISTORY_METRICS = {
+    "loss": "val_loss",
+    "accuracy": "val_accuracy",
+    "IC": "val_IC",
+    "RankIC": "val_RankIC",
+    "ICIR": "val_ICIR",
+    "RankICIR": "val_RankICIR",
+    "gate_mean": "gate_mean",
+    "gate_std": "gate_std",
+    "favor_time_ratio": "favor_time_ratio",
+}
+
+
+def metric_value(metrics: dict, name: str) -> float:
+    """``metrics[name]`` as a Python float; NaN when it was not logged."""
+    value = metrics.get(name)
+    if value is None:
+        return math.nan
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+class MetricHistory:
+    """Per-epoch lists of the training and validation metrics, in the user's layout.
+
+    ``train['loss'][i]`` and ``val['loss'][i]`` belong to epoch ``train['epoch'][i]``; an epoch
+    without validation holds NaN in the validation lists, so the lists stay aligned and plot
+    against each other. ``train['lr']`` is the learning rate the epoch trained with.
+
+    Args:
+        max_epochs: epochs kept (the newest); None keeps all, 0 keeps none.
+    """
+
+    def __init__(self, max_epochs: int | None = None):
+        if max_epochs is not None and max_epochs < 0:
+            raise ValueError(f"training.history_max_epochs must be >= 0 or null, got {max_epochs}.")
+        self.max_epochs = max_epochs
+        self.train = self._empty(TRAIN_HISTORY_METRICS, extra=("lr",))
+        self.val = self._empty(VAL_HISTORY_METRICS)
+
+    @staticmethod
+    def _empty(metrics: dict, extra=()) -> dict:
+        return {key: [] for key in ("epoch", *metrics, *extra)}
+
+    def record(self, epoch: int, metrics: dict, learning_rate: float, validated: bool) -> None:
+        """Append epoch ``epoch``; validation values are NaN when ``validated`` is false."""
+        self._drop_epoch(epoch)
+        self.train["epoch"].append(epoch)
+        self.train["lr"].append(float(learning_rate))
+        for key, name in TRAIN_HISTORY_METRICS.items():
+            self.train[key].append(metric_value(metrics, name))
+        self.val["epoch"].append(epoch)
+        for key, name in VAL_HISTORY_METRICS.items():
+            self.val[key].append(metric_value(metrics, name) if validated else math.nan)
+        self._bound()
+
+    def _drop_epoch(self, epoch: int) -> None:
+        # A run resumed from an earlier file than the newest replays epochs: the replay wins.
+        while self.train["epoch"] and self.train["epoch"][-1] >= epoch:
+            for history in (self.train, self.val):
+                for values in history.values():
+                    values.pop()
+
+    def _bound(self) -> None:
+        if self.max_epochs is None:
+            return
+        for history in (self.train, self.val):
+            for values in history.values():
+                # In place: the checkpoint refers to these very lists twice (top level and
+                # callback state), and pickle stores an object referred to twice only once.
+                del values[:max(len(values) - self.max_epochs, 0)]
+
+    def state_dict(self) -> dict:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state: dict) -> None:
+        for target, source in ((self.train, state.get("train", {})),
+                               (self.val, state.get("val", {}))):
+            length = len(source.get("epoch", []))
+            for key in target:
+                values = list(source.get(key, []))
+                # A key added since the file was written is padded so the lists stay aligned.
+                target[key] = values if len(values) == length else [math.nan] * length
+        self._bound()
+
+
+def capture_rng_state() -> dict:
+    """The global random state of torch (CPU and CUDA), NumPy and Python, as plain values."""
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": str(bit_generator),
+                  "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    # TODO(MPS random state): torch.mps has its own generator; Apple runs resume with a fresh one.
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Set the global random state from :func:`capture_rng_state`'s output."""
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["bit_generator"],
+                         numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]),
+                     python_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            log.warning("The checkpoint holds the random state of %d CUDA devices, this machine "
+                        "has %d: CUDA random numbers start afresh.", len(cuda_states),
+                        torch.cuda.device_count())
+
+
+def plain(value):
+    """``value`` made of types ``torch.load(weights_only=True)`` accepts (for free-form info)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    return repr(value)
+
+
+_PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.Size,
+                 torch.dtype, torch.device)
+
+
+def unloadable_values(obj, prefix: str = "", limit: int = 10) -> list:
+    """Key paths of values ``torch.load(weights_only=True)`` would refuse, e.g. ``['x.path: Path']``."""
+    found = []
+
+    def walk(value, path):
+        if len(found) >= limit:
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, (str, int, float, bool, type(None))):
+                    found.append(f"{path}[{key!r}] key: {type(key).__name__}")
+                walk(item, f"{path}.{key}" if path else str(key))
+        elif isinstance(value, (list, tuple, set)):
+            for index, item in enumerate(value):
+                walk(item, f"{path}[{index}]")
+        elif not isinstance(value, _PLAIN_LEAVES):
+            found.append(f"{path}: {type(value).__module__}.{type(value).__qualname__}")
+
+    walk(obj, prefix)
+    return found
