@@ -82,7 +82,7 @@ def report_lines(save_dir, since: float, alerts: dict, write_curves: bool = True
         lines.append(_curves_line(summaries, save_dir))
     best = next((s for s in summaries if s.kind == "best" and s.ok), None)
     if best is not None:
-        name = f"epoch{best.epoch}_{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"best_epoch{best.epoch}_{time.strftime('%Y%m%d-%H%M%S')}"
         lines.append(f"  Back up the best model: {BACKUP_COMMAND} {best.path} --name {name}")
     return lines
 

@@ -3,8 +3,8 @@
 The curves come from the ``train_history`` and ``val_history`` of one checkpoint (the one with
 the longest history); a series missing there is filled from the scalar metrics of each
 checkpoint file in the folder, one point per file. Six panels: loss, accuracy (in %), IC and
-RankIC, learning rate, gate mean, and a short text summary. The best epoch is a dashed line in
-every panel.
+RankIC, learning rate, gate mean (train and val), and a short text summary. The best epoch is a
+dashed line in every panel.
 """
 
 import io
@@ -34,7 +34,8 @@ _SERIES = (
     ("val_IC", "val", ("IC", "ic"), "val_IC"),
     ("val_RankIC", "val", ("RankIC", "rank_ic"), "val_RankIC"),
     ("lr", "either", ("lr", "learning_rate"), None),
-    ("gate_mean", "either", ("gate_mean",), "gate_mean"),
+    ("train_gate_mean", "train", ("gate_mean",), None),
+    ("val_gate_mean", "val", ("gate_mean",), "gate_mean"),
 )
 
 
@@ -99,8 +100,9 @@ def plot_curves(curves: Curves, out_path) -> Path:
     _plot_pair(panels[1], curves, "train_accuracy", "val_accuracy", "Accuracy (%)", 100.0)
     _plot_ic(panels[2], curves)
     _plot_single(panels[3], curves, "lr", "Learning rate", TRAIN_COLOUR, log_scale=True)
-    _plot_single(panels[4], curves, "gate_mean", "Gate mean (share of history)", EXTRA_COLOUR,
-                 reference=0.5)
+    _plot_pair(panels[4], curves, "train_gate_mean", "val_gate_mean",
+               "Gate mean (share of the history summary)", 1.0)
+    panels[4].axhline(0.5, color="black", linewidth=0.8, linestyle=":")
     _write_summary(panels[5], curves)
     for panel in panels[:5]:
         panel.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -141,15 +143,13 @@ def _plot_ic(axis, curves: Curves) -> None:
 
 
 def _plot_single(axis, curves: Curves, name: str, title: str, colour: str,
-                 log_scale: bool = False, reference: float | None = None) -> None:
+                 log_scale: bool = False) -> None:
     epochs, values = curves.get(name)
     drawn = _has_values(values)
     if drawn:
         axis.plot(epochs, values, marker=_marker(epochs), color=colour)
         if log_scale and all(v > 0 for v in values if _finite(v)):
             axis.set_yscale("log")
-        if reference is not None:
-            axis.axhline(reference, color="black", linewidth=0.8, linestyle=":")
     axis.set_title(title)
     if not drawn:
         _no_data(axis)

@@ -6,7 +6,6 @@ unpickled without ``weights_only``.
 """
 
 import math
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -64,12 +63,15 @@ def write_fake_run(folder: Path) -> Path:
         atomic_save(fake_checkpoint(epoch), folder / f"epoch_{epoch}.pth")
     atomic_save(fake_checkpoint(BEST_EPOCH), folder / "best_model.pth")
     error = fake_checkpoint(3)
-    error["error"] = {"type": "RuntimeError", "message": "CUDA out of memory", "step": 41,
-                      "batch_idx": 7, "traceback": "Traceback (most recent call last):\n  boom"}
+    error["error_info"] = {"type": "RuntimeError", "module": "builtins",
+                           "message": "CUDA out of memory", "stage": "train", "epoch": 3,
+                           "global_step": 41, "batch_index": 7,
+                           "traceback": "Traceback (most recent call last):\n  boom"}
     atomic_save(error, folder / "epoch_3_error.pth")
     nan = fake_checkpoint(6)
-    nan["warning"] = {"message": "⚠ Warning: NaN/Inf detected in training loss", "step": 55,
-                      "batch_idx": 2, "loss": math.nan}
+    nan["nan_info"] = {"warning": "⚠ Warning: NaN/Inf detected in training loss", "epoch": 6,
+                       "global_step": 55, "batch_idx": 2, "non_finite": "loss",
+                       "non_finite_inputs": [], "policy": "skip"}
     atomic_save(nan, folder / "epoch_6_nan.pth")
     atomic_save(fake_checkpoint(2), folder / "backup_old.pth")
     return folder
@@ -173,11 +175,13 @@ def test_show_prints_error_and_nan_information(fake_run, capsys):
     _, error_out, _ = run(capsys, "show", fake_run / "epoch_3_error.pth")
     _, nan_out, _ = run(capsys, "show", fake_run / "epoch_6_nan.pth")
 
-    assert "type: RuntimeError" in error_out and "message: CUDA out of memory" in error_out
-    assert "step: 41" in error_out and "batch_idx: 7" in error_out
+    assert "error_info:" in error_out
+    assert "  type: RuntimeError" in error_out and "  message: CUDA out of memory" in error_out
+    assert "  global_step: 41" in error_out and "  batch_index: 7" in error_out
     assert "    Traceback (most recent call last):" in error_out
-    assert "⚠ Warning: NaN/Inf detected in training loss" in nan_out
-    assert "step: 55" in nan_out and "loss: nan" in nan_out
+    assert "nan_info:" in nan_out
+    assert "  warning: ⚠ Warning: NaN/Inf detected in training loss" in nan_out
+    assert "  global_step: 55" in nan_out and "  non_finite: loss" in nan_out
 
 
 def test_show_reports_a_damaged_file_with_exit_one(broken_run, capsys):
@@ -319,7 +323,7 @@ def test_curves_come_from_the_longest_history(fake_run):
     assert values[BEST_EPOCH] == pytest.approx(0.25)
     assert curves.best_epoch == BEST_EPOCH
     assert curves.get("lr")[1][0] == pytest.approx(1e-3)
-    assert curves.get("gate_mean")[1][-1] == pytest.approx(0.57)
+    assert curves.get("val_gate_mean")[1][-1] == pytest.approx(0.57)
 
 
 def test_plot_of_a_folder_without_checkpoints_fails_cleanly(tmp_path, capsys):
@@ -332,24 +336,48 @@ def test_plot_of_a_folder_without_checkpoints_fails_cleanly(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    """A 3-epoch fit with the report on; its checkpoint folder."""
+    """A 3-epoch fit with the report on: its checkpoint folder and the LightningCLI."""
     from train import main
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("real")
     market = write_tiny_market(root / "market")
-    cli = main(fit_args(market, root / "run", max_epochs=3))
-    return Path(cli.config_init["fit"]["training"].save_dir), cli
+    cli = main(fit_args(market, root / "run", max_epochs=3,
+                        extra=["--training.keep_last=2"]))
+    folder = Path(cli.config_init["fit"]["training"].save_dir)
+    if not any(type(cb).__name__ == "CheckpointManager" for cb in cli.trainer.callbacks):
+        pytest.skip("this tree's fit has no checkpoint callback yet")
+    return folder, cli
 
 
-def test_real_fit_files_verify_list_and_plot(real_run, tmp_path, capsys):
+def test_real_fit_files_list_show_and_verify(real_run, capsys):
     folder, _ = real_run
-    if not any(folder.glob("epoch_*.pth")):
-        pytest.skip("this tree's fit writes no checkpoint files yet")
 
-    assert run(capsys, "verify", folder)[0] == 0
+    assert run(capsys, "verify", folder)[1].splitlines()[-1] == "3 ok, 0 damaged"
     status, out, _ = run(capsys, "list", folder)
-    assert status == 0 and "best_model.pth" in out and "★" in out
+    rows = rows_by_file(out)
+    assert status == 0 and set(rows) == {"epoch_1.pth", "epoch_2.pth", "best_model.pth"}
+    assert "★" in rows["best_model.pth"]
+    newest = load_checkpoint(folder / "epoch_2.pth")
+    assert f"{100 * newest['val_accuracy']:.2f}%" in rows["epoch_2.pth"]
+    status, out, _ = run(capsys, "show", folder / "epoch_2.pth")
+    assert status == 0 and "Epoch:              2" in out
+    assert f"Train loss:         {newest['train_loss']:.4f}" in out
+    assert f"Best val accuracy:  {100 * newest['best_val_acc']:.2f}%" in out
+
+
+def test_real_fit_damaged_copy_backup_and_plot(real_run, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(real_run[0], folder)
+    whole = (folder / "epoch_2.pth").read_bytes()
+    (folder / "epoch_9.pth").write_bytes(whole[:1000])
+
+    status, out, _ = run(capsys, "verify", folder)
+    assert status == 1 and "✘ epoch_9.pth" in out and "truncated" in out
+    assert run(capsys, "backup", folder / "best_model.pth", "--name", "keep")[0] == 0
+    assert (folder / "backup_keep.pth").read_bytes() == (folder / "best_model.pth").read_bytes()
     assert run(capsys, "plot", folder, "--out", tmp_path / "c.png")[0] == 0
     assert png_size(tmp_path / "c.png") == (1500, 850)
 
@@ -362,9 +390,8 @@ def test_real_fit_report_writes_curves_and_names_the_best_model(real_run):
 
     text = "\n".join(report.lines)
     assert text.startswith(f"After-fit report: {folder}")
-    assert "Alerts:" in text and "Disk:" in text
-    if any(folder.glob("epoch_*.pth")):
-        assert "Best model: " + str(folder / "best_model.pth") in text
-        assert "0 damaged" in text and "python ckpt.py backup" in text
-        assert png_size(folder / "curves.png") == (1500, 850)
-    assert os.path.isdir(folder)
+    assert "3 checkpoint file(s) (2 epoch, 1 best); 3 written by this run; 3 verified ok" in text
+    assert f"Best model: {folder / 'best_model.pth'} (epoch " in text
+    assert "Alerts: " in text and "Disk: " in text
+    assert f"python ckpt.py backup {folder / 'best_model.pth'} --name best_epoch" in text
+    assert png_size(folder / "curves.png") == (1500, 850)
