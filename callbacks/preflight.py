@@ -6,7 +6,8 @@ Items, each ✔ (fine), ⚠ (worth a look) or ✘ (training would fail or lose f
   ``parameter bytes × 3`` (weights and two Adam moments) per file, times
   ``keep_last + best + error slots + one temporary file``, times a margin; where no estimate
   can be made, ``training.min_free_disk_gb`` (the user's 10 GB) is the bar;
-* write probe: a small file is written, fsynced and removed in ``save_dir``;
+* write probe: a small file is written, fsynced and removed in ``save_dir`` (a missing
+  ``save_dir`` is tried under its nearest existing parent and not left behind);
 * device memory: free and total memory of the CUDA or MPS device (``CPU: n/a``);
 * batch memory: ``data.batch_size`` and ``data.num_center_nodes`` against an estimate of the
   activation memory of one day (see :func:`estimate_batch_memory`);
@@ -211,22 +212,43 @@ def checkpoint_size_estimate(model) -> int | None:
 
 
 def check_write(save_dir) -> tuple:
-    """Create ``save_dir`` when missing, write, fsync and delete a small probe file."""
-    folder = Path(save_dir)
+    """Write, fsync and delete a small probe file in ``save_dir``.
+
+    A missing ``save_dir`` is not created (the checklist leaves no trace): its folders are
+    created and removed again under the nearest existing parent instead.
+    """
+    folder = Path(save_dir).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    missing = folder.relative_to(existing).parts
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        descriptor, probe = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}probe.",
-                                             suffix=TEMPORARY_SUFFIX, dir=folder)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(b"\0" * PROBE_BYTES)
-                handle.flush()
-                os.fsync(handle.fileno())
-        finally:
-            Path(probe).unlink(missing_ok=True)
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(existing))
+        if missing:
+            # Created and removed again: the same steps fit will take, without the trace.
+            with tempfile.TemporaryDirectory(prefix=TEMPORARY_PREFIX, dir=existing) as scratch:
+                _write_probe(Path(scratch).joinpath(*missing))
+        else:
+            _write_probe(folder)
     except OSError as error:
         return FAIL, f"cannot write in {folder}: {error.strerror or error}"
+    if missing:
+        return OK, f"{folder} can be created and written (under {existing})"
     return OK, f"{folder} is writable"
+
+
+def _write_probe(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor, probe = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}probe.",
+                                         suffix=TEMPORARY_SUFFIX, dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(b"\0" * PROBE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        Path(probe).unlink(missing_ok=True)
 
 
 def check_device_memory(device: torch.device) -> tuple:
@@ -325,6 +347,8 @@ def check_batch_memory(model, datamodule, device: torch.device) -> tuple:
     memory = device_memory(device)
     if memory is None:
         return OK, detail
+    # TODO(multi-device runs): one device is assumed; under DDP each rank holds its own batch
+    # and the estimate holds per device, but model-sharding strategies would need their own.
     free = memory[0]
     detail += f"; ≈ {format_size(estimate['total'])} of {format_size(free)} free"
     advice = (" — lower data.batch_size (advised 4-8) or data.num_center_nodes (6-8), or use "

@@ -66,10 +66,17 @@ def test_learning_rate_range(learning_rate, status):
 
 
 def test_write_probe_passes_and_leaves_nothing(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+
+    assert check_write(tmp_path / "checkpoints") == (OK, f"{tmp_path / 'checkpoints'} is writable")
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_write_probe_of_a_missing_folder_creates_nothing(tmp_path):
     status, detail = check_write(tmp_path / "new" / "checkpoints")
 
-    assert status == OK and "writable" in detail
-    assert list((tmp_path / "new" / "checkpoints").iterdir()) == []
+    assert status == OK and "can be created and written" in detail
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_probe_fails_where_a_folder_cannot_be(tmp_path):
@@ -214,7 +221,8 @@ def test_a_failed_check_stops_fit_before_training(tiny_market, tmp_path, run_fit
     with pytest.raises(PreflightError, match="✘ disk space"):
         run_fit(fit_args(tiny_market, tmp_path, max_epochs=1))
 
-    assert not list((tmp_path / "checkpoints").glob("epoch_*.pth"))
+    # Nothing trained, and no error checkpoint for a run that never started.
+    assert not list((tmp_path / "checkpoints").glob("*.pth"))
 
 
 def test_preflight_can_be_switched_off(tiny_market, tmp_path, run_fit, monkeypatch):
