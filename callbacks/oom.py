@@ -55,7 +55,7 @@ class OutOfMemoryGuard(Callback):
         self.recovered = 0
         self._trainer: Optional[L.Trainer] = None
         self._reported: Optional[BaseException] = None
-        self._checkpointed: set = set()
+        self._seen: set = set()  # (epoch, stage) that had an out-of-memory event
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -77,15 +77,13 @@ class OutOfMemoryGuard(Callback):
         if hasattr(pl_module, "enable_batch_splitting"):
             pl_module.enable_batch_splitting(None)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._checkpointed.clear()
-
     def _on_split_out_of_memory(self, error: BaseException, stage: str, halvings: int,
                                 gave_up: bool) -> None:
         """Told by the splitter of each out-of-memory error, after memory was released."""
         trainer = self._trainer
         if trainer is None:
             return
+        first_this_epoch = (trainer.current_epoch, stage) not in self._seen
         self._write_error_checkpoint(trainer, error, stage)
         if gave_up:
             action = (f"Cannot split the batch further ({halvings - 1} halvings): "
@@ -93,9 +91,11 @@ class OutOfMemoryGuard(Callback):
             self._reported = error
         else:
             action = (f"Retrying the batch in halves (halving {halvings} of "
-                      f"{self.max_halvings}, oom_policy=split).")
+                      f"{self.max_halvings}, oom_policy=split); later batches start as split.")
             self.recovered += 1
-        raise_alert(trainer, "out_of_memory", _message(trainer, error, stage, action))
+        # Every event is counted; the warning shows for the first of each epoch and stage.
+        raise_alert(trainer, "out_of_memory", _message(trainer, error, stage, action),
+                    warn=gave_up or first_this_epoch)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
@@ -111,10 +111,12 @@ class OutOfMemoryGuard(Callback):
     def _write_error_checkpoint(self, trainer: L.Trainer, error: BaseException,
                                 stage: str) -> None:
         key = (trainer.current_epoch, stage)
-        manager = find_checkpoint_manager(trainer)
-        if manager is None or key in self._checkpointed:
+        if key in self._seen:
             return
-        self._checkpointed.add(key)
+        self._seen.add(key)
+        manager = find_checkpoint_manager(trainer)
+        if manager is None:
+            return
         try:
             manager.save_error_checkpoint(trainer, trainer.lightning_module, error, stage)
         except Exception as save_error:  # the manager reports its own failures
@@ -128,7 +130,8 @@ class OutOfMemoryGuard(Callback):
 
 
 def _message(trainer: L.Trainer, error: BaseException, stage: str, action: str) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    first_line = text.splitlines()[0].rstrip(".") if text else "no message"
     where = "validation" if stage == "val" else "training"
     return (f"⚠ Warning: Out of memory in {where} (epoch {trainer.current_epoch}, step "
             f"{trainer.global_step}): {type(error).__name__}: {first_line[:200]}. The failed "

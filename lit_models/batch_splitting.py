@@ -8,6 +8,8 @@ count: ``torch.OutOfMemoryError`` (CUDA) and the ``RuntimeError`` whose message 
 an out-of-memory error from either is caught there. On one, it drops the references to the
 failed attempt, empties the device cache, and runs the failing piece again as two halves
 (days of a cross-sectional list batch, rows of a pooled batch), at most ``max_halvings`` deep.
+Later batches of the same stage start split as deep as the last retry had to go, so that one
+oversized batch size costs one out-of-memory error, not one per step.
 Each piece's gradient is weighted by its share of the batch's labelled nodes and summed,
 
     g = sum_p (n_p / N) * grad(mean cross-entropy of piece p)  =  grad(mean over the batch),
@@ -115,6 +117,7 @@ class BatchSplitter:
         self.max_halvings = max_halvings
         self.on_out_of_memory = on_out_of_memory
         self.to_graph = to_graph
+        self.start_halvings = {"train": 0, "val": 0, "test": 0}
 
     # -- training ------------------------------------------------------------------------
 
@@ -125,7 +128,10 @@ class BatchSplitter:
         total_labelled = count_labelled(batch)
         gradients: list = [None] * len(parameters)
         pieces: list = []
-        self._train_piece(module, batch, 0, parameters, total_labelled, gradients, pieces)
+        depth = self.start_halvings["train"]
+        for piece in split_into(batch, depth):
+            self._train_piece(module, piece, depth, parameters, total_labelled, gradients,
+                              pieces)
 
         for graph, output, loss, num_labelled in pieces:
             module._record("train", graph, output, loss, num_labelled)
@@ -160,20 +166,20 @@ class BatchSplitter:
 
     # -- evaluation ----------------------------------------------------------------------
 
-    def evaluation_step(self, module, stage: str, batch, halvings: int = 0) -> dict:
-        """``module._evaluation_step`` on ``batch``, or on its halves after out-of-memory."""
+    def evaluation_step(self, module, stage: str, batch) -> dict:
+        """``module._evaluation_step`` on ``batch``, or on its pieces after out-of-memory."""
+        depth = self.start_halvings[stage]
+        results = [self._evaluate_piece(module, stage, piece, depth)
+                   for piece in split_into(batch, depth)]
+        return results[0] if len(results) == 1 else _combine(results)
+
+    def _evaluate_piece(self, module, stage: str, piece, halvings: int) -> dict:
         try:
-            return module._evaluation_step(stage, batch)
+            return module._evaluation_step(stage, piece)
         except Exception as error:
-            halves = self._after_out_of_memory(module, error, stage, batch, halvings)
-        results = [self.evaluation_step(module, stage, half, halvings + 1) for half in halves]
-        total = sum(result["num_labelled"] for result in results)
-        return {
-            "loss": sum(_weight(r["num_labelled"], total, len(results)) * r["loss"]
-                        for r in results),
-            "gate": torch.cat([result["gate"] for result in results]),
-            "num_labelled": total,
-        }
+            halves = self._after_out_of_memory(module, error, stage, piece, halvings)
+        return _combine([self._evaluate_piece(module, stage, half, halvings + 1)
+                         for half in halves])
 
     # -- shared --------------------------------------------------------------------------
 
@@ -188,7 +194,29 @@ class BatchSplitter:
             self.on_out_of_memory(error, stage, halvings + 1, halves is None)
         if halves is None:
             raise error
+        if halvings + 1 > self.start_halvings[stage]:
+            self.start_halvings[stage] = halvings + 1
+            log.info("Out of memory: %s batches now run in %d pieces.", stage, 2 ** (halvings + 1))
         return halves
+
+
+def split_into(batch, halvings: int) -> list:
+    """``batch`` halved ``halvings`` times over (pieces that cannot be halved stay whole)."""
+    pieces = [batch]
+    for _ in range(halvings):
+        pieces = [half for piece in pieces for half in (halve_batch(piece) or [piece])]
+    return pieces
+
+
+def _combine(results: list) -> dict:
+    """One evaluation step's dict from those of its pieces (loss weighted by labelled nodes)."""
+    total = sum(result["num_labelled"] for result in results)
+    return {
+        "loss": sum(_weight(r["num_labelled"], total, len(results)) * r["loss"]
+                    for r in results),
+        "gate": torch.cat([result["gate"] for result in results]),
+        "num_labelled": total,
+    }
 
 
 def _weight(num_labelled: int, total_labelled: int, num_pieces: Optional[int]) -> float:
