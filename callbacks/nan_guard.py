@@ -76,17 +76,19 @@ class NanGuard(Callback):
         self.consecutive = 0
         self.total = 0
         self.rollbacks = 0
-        self._batch = None
-        self._batch_idx: Optional[int] = None
+        # The batches of the optimizer step being prepared (several under gradient accumulation):
+        # only their input tensors are held, and only until the step.
+        self._window: list = []
         self._loss_finite: Optional[torch.Tensor] = None
 
     # -- what the step saw ---------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self._batch, self._batch_idx = batch, batch_idx
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._window = []
+        self._loss_finite = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._batch = None
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._window.append((batch_idx, batch))
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            loss: torch.Tensor) -> None:
@@ -99,7 +101,7 @@ class NanGuard(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         loss_finite = True if self._loss_finite is None else bool(self._loss_finite)
-        self._loss_finite = None
+        window, self._window, self._loss_finite = self._window, [], None
         norm = gradient_norm(optimizer, trainer)
         grads_finite = norm is None or math.isfinite(norm)
         if loss_finite and grads_finite:
@@ -108,21 +110,26 @@ class NanGuard(Callback):
         if loss_finite and _has_grad_scaler(trainer):
             log.debug("gradient overflow at step %d left to the GradScaler", trainer.global_step)
             return
-        self._handle(trainer, pl_module, optimizer, loss_finite)
+        self._handle(trainer, pl_module, optimizer, loss_finite, window)
 
     def _handle(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                optimizer: torch.optim.Optimizer, loss_finite: bool) -> None:
+                optimizer: torch.optim.Optimizer, loss_finite: bool, window: list) -> None:
         self.total += 1
         self.consecutive += 1
-        where = (f"epoch {trainer.current_epoch}, step {trainer.global_step}, "
-                 f"batch {self._batch_idx}")
-        bad_inputs, more = non_finite_inputs(self._batch, *_input_names(trainer))
+        indices = [index for index, _ in window]
+        batches = (f"batch {indices[0]}" if len(indices) == 1 else
+                   f"batches {indices[0]}-{indices[-1]}" if indices else "batch ?")
+        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}, {batches}"
+        bad_inputs, more = non_finite_inputs([sample for _, batch in window
+                                              for sample in _samples(batch)],
+                                             *_input_names(trainer))
         manager = find_checkpoint_manager(trainer)
         info = {
             "warning": NAN_WARNING,
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
-            "batch_idx": -1 if self._batch_idx is None else int(self._batch_idx),
+            "batch_idx": indices[-1] if indices else -1,
+            "batch_indices": indices,
             "non_finite": "gradients" if loss_finite else "loss",
             "non_finite_inputs": [", ".join(entry) for entry in bad_inputs],
             "policy": self.policy,
@@ -218,7 +225,7 @@ def scale_learning_rates(trainer: L.Trainer, optimizer: torch.optim.Optimizer,
         The new learning rate of each parameter group.
     """
     new_lrs = [lr * factor for lr in lrs_before]
-    for group, lr in zip(optimizer.param_groups, new_lrs):
+    for group, lr in zip(optimizer.param_groups, new_lrs, strict=True):
         group["lr"] = lr
     for config in getattr(trainer, "lr_scheduler_configs", []):
         scheduler = config.scheduler
@@ -238,7 +245,7 @@ def non_finite_inputs(batch, dates=None, nodes=None, features=None,
     Returns:
         Up to ``limit`` (day, node, feature) string triples, and the count of the rest.
     """
-    samples = batch if isinstance(batch, (list, tuple)) else [batch]
+    samples = _samples(batch)
     found = []
     total = 0
     for sample in samples:
@@ -251,10 +258,14 @@ def non_finite_inputs(batch, dates=None, nodes=None, features=None,
         day = sample.get("day")
         node_index = sample.get("node_index")
         for row, column in zip(rows.tolist()[:limit - len(found)],
-                               columns.tolist()[:limit - len(found)]):
+                               columns.tolist()[:limit - len(found)], strict=True):
             found.append((_name(dates, _at(day, row), date=True),
                           _name(nodes, _at(node_index, row)), _name(features, column)))
     return found, total - len(found)
+
+
+def _samples(batch) -> list:
+    return list(batch) if isinstance(batch, (list, tuple)) else [batch]
 
 
 def _at(values, row: int) -> Optional[int]:

@@ -26,6 +26,8 @@ from lit_models.batch_splitting import BatchSplitter, is_out_of_memory, release_
 log = logging.getLogger(__name__)
 
 OOM_POLICIES = ("stop", "split")
+ERROR_STAGES = ("train", "val")  # the stages with an error checkpoint file
+STAGE_NAMES = {"train": "training", "val": "validation", "test": "test", "predict": "predict"}
 MAX_HALVINGS = 3
 OOM_ADVICE = (
     "Advice: data.batch_size 4-8 (a cross-sectional batch holds whole days); "
@@ -104,7 +106,8 @@ class OutOfMemoryGuard(Callback):
         release_memory(exception, pl_module.device)
         if exception is self._reported:
             return
-        stage = "val" if trainer.validating or trainer.sanity_checking else "train"
+        stage = ("test" if trainer.testing else "predict" if trainer.predicting
+                 else "val" if trainer.validating or trainer.sanity_checking else "train")
         raise_alert(trainer, "out_of_memory",
                     _message(trainer, exception, stage, "Training stops (oom_policy=stop)."))
 
@@ -115,7 +118,7 @@ class OutOfMemoryGuard(Callback):
             return
         self._seen.add(key)
         manager = find_checkpoint_manager(trainer)
-        if manager is None:
+        if manager is None or stage not in ERROR_STAGES or trainer.state.fn != "fit":
             return
         try:
             manager.save_error_checkpoint(trainer, trainer.lightning_module, error, stage)
@@ -132,7 +135,7 @@ class OutOfMemoryGuard(Callback):
 def _message(trainer: L.Trainer, error: BaseException, stage: str, action: str) -> str:
     text = str(error).strip()
     first_line = text.splitlines()[0].rstrip(".") if text else "no message"
-    where = "validation" if stage == "val" else "training"
+    where = STAGE_NAMES.get(stage, stage)
     return (f"⚠ Warning: Out of memory in {where} (epoch {trainer.current_epoch}, step "
             f"{trainer.global_step}): {type(error).__name__}: {first_line[:200]}. The failed "
             f"step's tensors were released and the device cache emptied. {action} {OOM_ADVICE}")

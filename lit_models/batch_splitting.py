@@ -242,6 +242,6 @@ def _gradients(module, loss: torch.Tensor, parameters: list) -> tuple:
 def _surrogate(loss: torch.Tensor, parameters: list, gradients: list) -> torch.Tensor:
     """A scalar with the value of ``loss`` whose gradient with respect to each parameter is
     the accumulated gradient (parameters that no piece used keep no gradient)."""
-    terms = [(p * g).sum() for p, g in zip(parameters, gradients) if g is not None]
+    terms = [(p * g).sum() for p, g in zip(parameters, gradients, strict=True) if g is not None]
     link = torch.stack(terms).sum() if terms else parameters[0].sum() * 0.0
     return loss.detach() + (link - link.detach())

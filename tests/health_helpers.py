@@ -39,10 +39,10 @@ def health(**overrides) -> list:
 
 
 def make_trainer(run_dir: Path, callbacks: list, max_epochs: int = 3, **kwargs) -> L.Trainer:
-    settings = dict(accelerator="cpu", devices=1, max_epochs=max_epochs, gradient_clip_val=1.0,
-                    enable_progress_bar=False, enable_model_summary=False,
-                    enable_checkpointing=False, log_every_n_steps=1,
-                    logger=CSVLogger(str(run_dir / "logs"), name="health"))
+    settings = {"accelerator": "cpu", "devices": 1, "max_epochs": max_epochs,
+                "gradient_clip_val": 1.0, "enable_progress_bar": False,
+                "enable_model_summary": False, "enable_checkpointing": False,
+                "log_every_n_steps": 1, "logger": CSVLogger(str(run_dir / "logs"), name="health")}
     settings.update(kwargs)
     return L.Trainer(callbacks=callbacks, **settings)
 

@@ -6,16 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
-
-from callbacks.accuracy_monitor import LOW_ACCURACY_WARNING, ValidationAccuracyMonitor
-from callbacks.alerts import AlertLog
-from callbacks.gate_statistics import GateStatistics
-from callbacks.gradient_monitor import LARGE_GRAD_WARNING, GradientNormMonitor, gradient_norm
-from callbacks.memory_monitor import GIB, MemoryMonitor, device_total_bytes, used_bytes
-from callbacks.nan_guard import NAN_WARNING, NanGuard, non_finite_inputs
-from callbacks.oom import OutOfMemoryGuard
-from callbacks.progress_monitor import ProgressMonitor
 from conftest import fit_args
 from health_helpers import (
     STEPS_PER_EPOCH,
@@ -32,6 +22,16 @@ from health_helpers import (
     metrics_csv,
     same_state,
 )
+from lightning.pytorch.callbacks import Callback
+
+from callbacks.accuracy_monitor import LOW_ACCURACY_WARNING, ValidationAccuracyMonitor
+from callbacks.alerts import AlertLog
+from callbacks.gate_statistics import GateStatistics
+from callbacks.gradient_monitor import LARGE_GRAD_WARNING, GradientNormMonitor, gradient_norm
+from callbacks.memory_monitor import GIB, MemoryMonitor, device_total_bytes, used_bytes
+from callbacks.nan_guard import NAN_WARNING, NanGuard, non_finite_inputs
+from callbacks.oom import OutOfMemoryGuard
+from callbacks.progress_monitor import ProgressMonitor
 
 CLEAN = ["--model.learning_rate=0.005", "--data.num_center_nodes=12",
          "--trainer.log_every_n_steps=1"]
@@ -113,7 +113,7 @@ def test_nan_input_is_named_skipped_and_checkpointed(tiny_market, tmp_path, recw
     trainer.fit(module, datamodule)
 
     assert alert_counts(trainer) == {"nan_inf": 1}
-    day, node, feature = inject.hits[0]
+    day, node, _ = inject.hits[0]
     date = datamodule.dates[day].strftime("%Y-%m-%d")
     name = datamodule.nodes[node]
     step = STEPS_PER_EPOCH + 2
@@ -150,6 +150,21 @@ def test_inf_gradient_with_finite_loss_is_caught(tiny_market, tmp_path):
     assert "No non-finite input features in the batch." in message
     assert same_state(probe.before[(0, 4)], probe.after[(0, 4)])
     assert math.isinf(metrics_csv(trainer)["grad_norm"].dropna().iloc[4])
+
+
+def test_nan_under_gradient_accumulation_skips_the_whole_step(tiny_market, tmp_path):
+    datamodule, module = build(tiny_market)
+    inject = InjectNaNInput([(0, 2)])
+    probe = WeightProbe([(0, 2), (0, 3)])
+    trainer = make_trainer(tmp_path, [inject, probe, *health()], max_epochs=1,
+                           accumulate_grad_batches=2)
+    trainer.fit(module, datamodule)
+
+    [message] = messages(trainer, "nan_inf")
+    assert "(epoch 0, step 1, batches 2-3; non-finite loss)" in message
+    day, node, _ = inject.hits[0]
+    assert f"({datamodule.dates[day].strftime('%Y-%m-%d')}, {datamodule.nodes[node]}," in message
+    assert same_state(probe.before[(0, 2)], probe.after[(0, 3)])
 
 
 def test_stop_policy_stops_after_the_bad_batch(tiny_market, tmp_path):
@@ -293,7 +308,7 @@ def test_low_validation_accuracy_warns_with_the_specs_text(tiny_market, tmp_path
 
     shown = messages(trainer, "low_val_accuracy")
     assert len(shown) == 2
-    for text, accuracy in zip(shown, accuracies.values):
+    for text, accuracy in zip(shown, accuracies.values, strict=True):
         assert text.startswith(LOW_ACCURACY_WARNING.format(acc=accuracy))
         assert "weight_decay" in text and "label distribution" in text
 
@@ -345,7 +360,7 @@ def test_progress_warns_after_patience_epochs_without_a_new_best():
     monitor = ProgressMonitor(patience=2)
     losses = [1.0, 0.9, 0.95, 0.91, 0.92, 0.93, 0.8]
     accuracies = [0.20, 0.25, 0.30, 0.31, 0.29, 0.30, 0.30]
-    for epoch, (loss, accuracy) in enumerate(zip(losses, accuracies)):
+    for epoch, (loss, accuracy) in enumerate(zip(losses, accuracies, strict=True)):
         trainer.current_epoch = epoch
         trainer.callback_metrics = {"train_loss": torch.tensor(loss),
                                     "val_accuracy": torch.tensor(accuracy)}

@@ -2,10 +2,6 @@
 
 import pytest
 import torch
-
-from callbacks.checkpoint import CheckpointManager
-from callbacks.nan_guard import NAN_WARNING
-from callbacks.training_config import TrainingConfig
 from health_helpers import (
     InjectNaNInput,
     WeightProbe,
@@ -17,6 +13,10 @@ from health_helpers import (
     same_state,
 )
 from test_health_oom import _fail_when, _stage_filter, cuda_oom, mps_oom
+
+from callbacks.checkpoint import CheckpointManager
+from callbacks.nan_guard import NAN_WARNING
+from callbacks.training_config import TrainingConfig
 
 
 def _manager(tmp_path) -> CheckpointManager:

@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-
-import callbacks.oom as oom
-from callbacks.oom import OOM_ADVICE
 from health_helpers import (
     FakeManager,
     WeightProbe,
@@ -14,6 +11,9 @@ from health_helpers import (
     make_trainer,
     messages,
 )
+
+from callbacks import oom
+from callbacks.oom import OOM_ADVICE
 from lit_models.batch_splitting import (
     BatchSplitter,
     count_labelled,
