@@ -90,6 +90,10 @@ class NanGuard(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._window.append((batch_idx, batch))
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self._window = []  # let an out-of-memory handler free these batches too
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            loss: torch.Tensor) -> None:
         # Kept as a tensor: the device syncs once per optimizer step, in the check below.
