@@ -44,26 +44,41 @@ class GatedGNNCLI(LightningCLI):
             trainer_config["enable_checkpointing"] = True
         return self._instantiate_trainer(trainer_config, callbacks)
 
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last``/``best`` to files of ``training.save_dir`` and load the file.
+
+        LightningCLI would replace the model settings with the checkpoint's. ``fit`` keeps the
+        command line's instead, so that an intended change (dropout, say) takes effect and
+        ``before_fit`` can fail on a changed shape and list the other differences; evaluation
+        subcommands take the checkpoint's model settings, as LightningCLI does.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        arguments = self.config[subcommand]
+        path, self._resume_checkpoint = resolve_ckpt_path(arguments.get("ckpt_path"),
+                                                          arguments["training"].save_dir)
+        arguments["ckpt_path"] = path
+        if subcommand != "fit":
+            super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
-        self._resolve_ckpt_path()
+        self._check_checkpoint()
 
     def before_validate(self) -> None:
-        self._resolve_ckpt_path()
+        self._check_checkpoint()
 
     def before_test(self) -> None:
-        self._resolve_ckpt_path()
+        self._check_checkpoint()
 
     def before_predict(self) -> None:
-        self._resolve_ckpt_path()
+        self._check_checkpoint()
 
-    def _resolve_ckpt_path(self) -> None:
-        """``--ckpt_path last``/``best`` become files of ``training.save_dir``; the chosen file
-        is checked against the model before Lightning restores it."""
-        arguments = self.config_init[self.subcommand]
-        training = self._get(self.config_init, "training")
-        path, checkpoint = resolve_ckpt_path(arguments.get("ckpt_path"), training.save_dir)
-        arguments["ckpt_path"] = path
+    def _check_checkpoint(self) -> None:
+        """Fail before Lightning restores a checkpoint that does not fit the model."""
+        checkpoint, self._resume_checkpoint = getattr(self, "_resume_checkpoint", None), None
         if checkpoint is not None:
+            path = self.config_init[self.subcommand]["ckpt_path"]
             check_resume_compatible(checkpoint, path, self.model, self.datamodule)
 
 
