@@ -129,6 +129,10 @@ class GatedGNNModule(L.LightningModule):
     def _record(self, stage: str, graph: GraphBatch, output, loss: torch.Tensor,
                 num_labelled: int) -> None:
         """Update the accuracy and log loss and accuracy, weighted by labelled nodes."""
+        if stage == "train" and not torch.isfinite(loss):
+            # The NaN guard reports this step and drops its update; leaving it out keeps the
+            # epoch's train_loss the mean of the steps that trained, not NaN.
+            return
         if num_labelled:
             labelled = graph.labelled
             self.accuracy[f"{stage}_accuracy"].update(output.logits[labelled].detach(),

@@ -136,6 +136,9 @@ def test_nan_input_is_named_skipped_and_checkpointed(tiny_market, tmp_path, recw
     assert metrics_csv(trainer)["alert_nan_inf"].dropna().tolist()[-1] == 1.0
     assert f"Training health: 1 alert: nan_inf x1 (first at epoch 1, step {step})" in caplog.text
     assert math.isfinite(float(trainer.callback_metrics["train_gate_mean"]))
+    # The dropped step stays out of the epoch mean: train_loss of epoch 1 is a number.
+    train_loss = metrics_csv(trainer)["train_loss"].dropna().tolist()
+    assert len(train_loss) == 3 and all(map(math.isfinite, train_loss))
 
 
 def test_inf_gradient_with_finite_loss_is_caught(tiny_market, tmp_path):
