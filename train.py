@@ -45,7 +45,7 @@ class GatedGNNCLI(LightningCLI):
         return self._instantiate_trainer(trainer_config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path last``/``best`` to files of ``training.save_dir`` and load the file.
+        """Resolve ``--ckpt_path last``/``best`` to files of ``training.save_dir``; load the file.
 
         LightningCLI would replace the model settings with the checkpoint's. ``fit`` keeps the
         command line's instead, so that an intended change (dropout, say) takes effect and

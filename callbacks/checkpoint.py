@@ -1,4 +1,4 @@
-"""The checkpoint files of a fit: every epoch, the best model, errors and NaN; crash-safe, resumable.
+"""Checkpoint files of a fit: every epoch, the best model, errors and NaN; crash-safe, resumable.
 
 Numbering: epochs count from 0, as Lightning's progress bar and ``trainer.current_epoch`` do.
 ``epoch_{n}.pth`` is written when epoch ``n`` closes (after its validation), its ``epoch`` key is
@@ -87,6 +87,7 @@ VALIDATION_METRICS = frozenset(name for name in USER_METRICS.values()
                                if name.startswith(("val_", "gate_")))
 ERROR_STAGES = ("train", "val")
 EPOCH_KINDS = ("epoch", "error", "val_error", "nan")
+DAMAGED_SUFFIX = ".damaged"
 
 
 class ForeignCheckpointError(RuntimeError):
@@ -216,7 +217,8 @@ class CheckpointManager(Checkpoint):
         return path if self._write(path, payload, "the error state is not kept") else None
 
     def newest_epoch_checkpoint(self) -> Path | None:
-        """The newest ``epoch_{n}.pth`` this run wrote (or resumed with) that is on disk and loads."""
+        """The newest ``epoch_{n}.pth`` this run wrote (or resumed from) that is on disk and
+        loads; None when there is none."""
         for name in sorted(self._rotation, key=lambda name: classify(name)[1], reverse=True):
             path = self.save_dir / name
             if not path.is_file():
@@ -494,13 +496,35 @@ class CheckpointManager(Checkpoint):
         log.debug("Saved %s (%d bytes)", path, size)
         return True
 
-    def _may_overwrite(self, path: Path) -> bool:
+    def _may_overwrite(self, path: Path, move_damaged: bool = True) -> bool:
+        """Whether ``path`` is free, ours, or unreadable (moved aside first when asked)."""
         if path.name in self._ours or not path.exists():
             return True
-        if self._is_ours(path):
+        summary = read_summary(path)
+        if summary is None:
+            return self._move_aside(path) if move_damaged else True
+        if summary.get("run_id") == self.run_id:
             self._ours.add(path.name)
             return True
         return False
+
+    def _move_aside(self, path: Path) -> bool:
+        # Damaged, or of a format torch will not load safely: keep its bytes under a name
+        # that is no checkpoint name, rather than writing over it.
+        target = path.with_name(path.name + DAMAGED_SUFFIX)
+        number = 1
+        while target.exists():
+            number += 1
+            target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}{number}")
+        try:
+            path.rename(target)
+        except OSError as error:
+            log.warning("Not writing %s: it does not load and could not be moved aside (%s).",
+                        path, error)
+            return False
+        log.warning("%s does not load (damaged or of another format); moved it to %s.", path,
+                    target.name)
+        return True
 
     def _is_ours(self, path: Path) -> bool:
         summary = read_summary(path)
@@ -551,7 +575,8 @@ class CheckpointManager(Checkpoint):
         for path in sorted(self.save_dir.iterdir()):
             kind, epoch = classify(path)
             in_range = kind in EPOCH_KINDS and first <= epoch <= last
-            if (kind == "best" or in_range) and not self._may_overwrite(path):
+            written_by_this_run = kind == "best" or in_range
+            if written_by_this_run and not self._may_overwrite(path, move_damaged=False):
                 at_risk.append(path.name)
         if at_risk:
             raise ForeignCheckpointError(

@@ -170,7 +170,10 @@ _PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor
 
 
 def unloadable_values(obj, prefix: str = "", limit: int = 10) -> list:
-    """Key paths of values ``torch.load(weights_only=True)`` would refuse, e.g. ``['x.path: Path']``."""
+    """Key paths of the values ``torch.load(weights_only=True)`` would refuse.
+
+    Example: ``['datamodule_hyper_parameters.path: pathlib.PosixPath']``.
+    """
     found = []
 
     def walk(value, path):
