@@ -286,6 +286,8 @@ class CheckpointManager(Checkpoint):
         metrics = trainer.callback_metrics
         validated = self._validated_epoch == epoch
         self._record_epoch(epoch, metrics, validated)
+        # TODO(multi-process RNG): only rank 0's random state reaches the file; under DDP the
+        # other ranks resume with it, so their dropout masks differ from an uninterrupted run.
         self._pending_rng = capture_rng_state()
         if not self._writing(trainer):
             return
@@ -372,7 +374,7 @@ class CheckpointManager(Checkpoint):
     def _improves(self, score: float) -> bool:
         if not math.isfinite(score):
             return False
-        if self._best_score is None:
+        if self._best_score is None or not math.isfinite(self._best_score):
             return True
         return score > self._best_score if self.mode == "max" else score < self._best_score
 
