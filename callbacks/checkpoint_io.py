@@ -36,13 +36,29 @@ def atomic_save(obj, path) -> int:
         OSError: the write failed (disk full, permission, file-size limit). The temporary file
             is removed and any earlier file under ``path`` is untouched.
     """
+    return _write_atomically(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_copy(source, destination) -> int:
+    """Copy a file crash-safely (same temporary-file, fsync and rename steps)."""
+    def copy(handle):
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
+
+    return _write_atomically(destination, copy)
+
+
+def _write_atomically(path, write) -> int:
+    """Temporary file beside ``path``, ``write(handle)``, flush, fsync, rename, folder fsync."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX + path.name + ".",
                                              suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
+        # mkstemp creates the file 0600; a checkpoint gets the mode any new file would get.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         with os.fdopen(descriptor, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
             size = handle.tell()
@@ -54,24 +70,10 @@ def atomic_save(obj, path) -> int:
     return size
 
 
-def atomic_copy(source, destination) -> int:
-    """Copy a file crash-safely (same temporary-file, fsync and rename steps)."""
-    source, destination = Path(source), Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX + destination.name + ".",
-                                             suffix=TEMPORARY_SUFFIX, dir=destination.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle, open(source, "rb") as original:
-            shutil.copyfileobj(original, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-            size = handle.tell()
-        os.replace(temporary, destination)
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
-    _fsync_folder(destination.parent)
-    return size
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def remove_temporary_files(folder) -> list:

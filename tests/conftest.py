@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny deterministic market and the arguments of a fast CPU fit."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+
+# Two cores: one torch thread per test process keeps fits fast and their results repeatable,
+# set at import so that module- and session-scoped fixtures run single-threaded too.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SECTORS = ["Tech", "Tech", "Tech", "Energy", "Energy", "Energy",
@@ -79,12 +83,3 @@ def shared_data_or_skip(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real market data {path} is absent (a user's clone has no ../shared)")
     return path
-
-
-@pytest.fixture(autouse=True)
-def _quiet_threads(monkeypatch):
-    # Two cores: one torch thread per test process keeps the suite's timing steady.
-    import torch
-
-    torch.set_num_threads(1)
-    monkeypatch.setenv("PYTHONHASHSEED", os.environ.get("PYTHONHASHSEED", "0"))
