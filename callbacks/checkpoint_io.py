@@ -48,6 +48,11 @@ def atomic_copy(source, destination) -> int:
     return _write_atomically(destination, copy)
 
 
+def atomic_write_bytes(data: bytes, path) -> int:
+    """Write raw bytes (a PNG, say) crash-safely."""
+    return _write_atomically(path, lambda handle: handle.write(data))
+
+
 def _write_atomically(path, write) -> int:
     """Temporary file beside ``path``, ``write(handle)``, flush, fsync, rename, folder fsync."""
     path = Path(path)

@@ -10,12 +10,10 @@ dashed line in every panel.
 import io
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from callbacks.checkpoint_io import TEMPORARY_PREFIX, TEMPORARY_SUFFIX
+from callbacks.checkpoint_io import atomic_write_bytes
 from callbacks.checkpoint_summary import CheckpointSummary, best_epoch, format_percent
 
 log = logging.getLogger(__name__)
@@ -115,7 +113,8 @@ def plot_curves(curves: Curves, out_path) -> Path:
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    return _write_bytes_atomically(buffer.getvalue(), Path(out_path))
+    atomic_write_bytes(buffer.getvalue(), out_path)
+    return Path(out_path)
 
 
 def _plot_pair(axis, curves: Curves, train: str, val: str, title: str, scale: float) -> None:
@@ -230,20 +229,3 @@ def _finite(value) -> bool:
 
 def _marker(epochs: list) -> str | None:
     return "o" if len(epochs) <= 30 else None
-
-
-def _write_bytes_atomically(data: bytes, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.",
-                                             suffix=TEMPORARY_SUFFIX,
-                                             dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
