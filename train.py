@@ -6,15 +6,23 @@ data module's facts (nodes, features, windows, classes) are linked into the mode
 config only names them once.
 
 Resume: ``--ckpt_path checkpoints/epoch_5.pth`` continues with epoch 6 (epochs count from 0);
-``--ckpt_path last`` takes the newest epoch file of ``training.save_dir`` that loads and
-``--ckpt_path best`` its ``best_model.pth`` (see :mod:`callbacks.resume`).
+``--ckpt_path last`` takes the newest epoch or preemption file of ``training.save_dir`` that
+loads and ``--ckpt_path best`` its ``best_model.pth`` (see :mod:`callbacks.resume`).
+
+Preemption: SIGTERM or SIGUSR1 during ``fit`` saves ``epoch_{n}_preempt.pth`` at the next step
+boundary and exits with code 75 (see :mod:`callbacks.preemption`); ``--ckpt_path last``
+continues with the next batch. Several processes: ``--trainer.strategy=ddp
+--trainer.devices=N`` (Lightning starts the processes), or torchrun / SLURM ``srun`` starting
+one process per device with the same command.
 """
 
 import logging
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint import CheckpointManager
+from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from callbacks.resume import check_resume_compatible, resolve_ckpt_path
 from callbacks.training_config import TrainingConfig, build_callbacks
 from datamodules.market_datamodule import MarketDataModule
@@ -37,6 +45,8 @@ class GatedGNNCLI(LightningCLI):
         callbacks = [self._get(self.config_init, key)
                      for key in self._parser(self.subcommand).callback_keys]
         callbacks += build_callbacks(training)
+        # Last of the plain callbacks: at a preemption, the others have seen the batch.
+        callbacks.append(PreemptionHandler())
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         if any(isinstance(callback, CheckpointManager) for callback in callbacks):
             # Lightning refuses a checkpoint callback under enable_checkpointing=False; with
@@ -83,14 +93,26 @@ class GatedGNNCLI(LightningCLI):
 
 
 def main(args=None) -> GatedGNNCLI:
-    """Run the command line; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
+    """Run the command line; ``args`` replaces ``sys.argv[1:]`` (for tests).
+
+    Raises:
+        SystemExit: a preemption signal stopped ``fit`` (code 75; see
+            :class:`~callbacks.preemption.Preempted`).
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return GatedGNNCLI(
-        GatedGNNModule,
-        MarketDataModule,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        return GatedGNNCLI(
+            GatedGNNModule,
+            MarketDataModule,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except SIGTERMException as stop:
+        if stop.code is None:
+            # Lightning's own SIGTERM stop (before training took the signal over): nothing is
+            # lost, and the exit code tells a supervisor to run the command again.
+            raise SystemExit(PREEMPTED_EXIT_CODE) from stop
+        raise
 
 
 if __name__ == "__main__":

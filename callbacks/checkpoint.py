@@ -24,6 +24,12 @@ Files in ``training.save_dir`` (names from :mod:`callbacks.checkpoint_files`):
   exception then goes on unchanged.
 * ``epoch_{n}_nan.pth``: written on request (:meth:`CheckpointManager.save_nan_checkpoint`) with
   the last finite weights and ``nan_info``; never best, never rotated.
+* ``epoch_{n}_preempt.pth``: written on request (:meth:`CheckpointManager.save_preempt_checkpoint`,
+  from :class:`~callbacks.preemption.PreemptionHandler`) at a step boundary after SIGTERM or
+  SIGUSR1, with ``preempt_info`` and the training sampler's position: ``--ckpt_path last`` takes
+  it when it is newer than the newest epoch file, and the run continues with the next batch. Its
+  metric keys are those of the last complete epoch. It is deleted once a later epoch file or
+  preemption file of the run is on disk.
 
 Every file goes through :func:`atomic_save`; a failed write (disk full, permission, size limit)
 is logged with the free space and training goes on. Files of other runs (another ``run_id``)
@@ -31,6 +37,12 @@ are never overwritten nor deleted. The random state of torch, NumPy and Python i
 again at the first training batch after each epoch end, in uninterrupted and resumed runs alike,
 so a resumed deterministic run reproduces the uninterrupted one exactly. A ``ReduceLROnPlateau``
 step that Lightning takes after the epoch-end hook is replayed on resume.
+
+Several processes (DDP): rank 0 writes and prunes every file except error files; the run id,
+the refusal of another run's files and the bookkeeping (rotation, best) are rank 0's, shared
+with the other ranks; the files hold every rank's random state, each rank resumes with its own.
+An error checkpoint is written by the rank that failed, and only once: a rank whose collective
+fails because another rank died finds the failing rank's file for the same step and leaves it.
 """
 
 import logging
@@ -44,6 +56,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint_files import (
     BEST_FILE,
@@ -52,17 +65,24 @@ from callbacks.checkpoint_files import (
     error_file,
     files_to_prune,
     nan_file,
+    preempt_file,
+    progress_key,
     val_error_file,
 )
 from callbacks.checkpoint_io import atomic_save, free_disk_bytes, remove_temporary_files
 from callbacks.checkpoint_state import (
     MetricHistory,
     capture_rng_state,
+    gather_rng_states,
     metric_value,
     plain,
     restore_rng_state,
+    restore_sampler_position,
+    rng_state_for_rank,
+    sampler_position,
     unloadable_values,
 )
+from callbacks.preemption import find_preemption_handler
 from callbacks.resume import load_checkpoint, read_summary
 
 if TYPE_CHECKING:
@@ -86,7 +106,7 @@ USER_METRICS = {
 VALIDATION_METRICS = frozenset(name for name in USER_METRICS.values()
                                if name.startswith(("val_", "gate_")))
 ERROR_STAGES = ("train", "val")
-EPOCH_KINDS = ("epoch", "error", "val_error", "nan")
+EPOCH_KINDS = ("epoch", "error", "val_error", "nan", "preempt")
 DAMAGED_SUFFIX = ".damaged"
 
 
@@ -131,6 +151,7 @@ class CheckpointManager(Checkpoint):
         self._restored: dict | None = None
         self._resumed_from: Path | None = None
         self._pending_rng: dict | None = None
+        self._pending_sampler: dict | None = None
         self._pending_plateau: list = []
         self._snapshot: dict | None = None
         self._nan_epochs: set = set()
@@ -180,21 +201,30 @@ class CheckpointManager(Checkpoint):
         """Write ``epoch_{n}_error.pth`` (stage ``train``) or ``epoch_{n}_val_error.pth`` (``val``).
 
         The file holds the full state plus ``error_info``: type, message, traceback, stage,
-        epoch, global step and batch index. The caller decides whether the error goes on.
+        epoch, global step, batch index and rank. The caller decides whether the error goes on.
+        Any rank writes it (under DDP, the one that failed), unless this run's file for the
+        same step is already there: the others fail afterwards, when their collectives lose it.
 
         Returns:
-            The file written, or None (not fitting, the state could not be dumped, or the write
-            failed).
+            The file written, or None (not fitting, already written for this step by another
+            rank, the state could not be dumped, or the write failed).
 
         Raises:
             ValueError: ``stage`` is not ``train`` or ``val``.
         """
         if stage not in ERROR_STAGES:
             raise ValueError(f"stage must be one of {ERROR_STAGES}, got {stage!r}.")
-        if not self._writing(trainer):
+        if not self._started:
             return None
         self._handled_errors.add(id(error))
         epoch = trainer.current_epoch
+        name = error_file(epoch) if stage == "train" else val_error_file(epoch)
+        path = self.save_dir / name
+        if trainer.world_size > 1 and self._error_already_saved(path, trainer.global_step):
+            log.error("Rank %d: %s (%s); %s already holds the state of this step, written by "
+                      "the rank that failed first.", trainer.global_rank,
+                      type(error).__name__, _first_line(error), path)
+            return None
         info = {
             "type": type(error).__qualname__,
             "module": type(error).__module__,
@@ -205,6 +235,8 @@ class CheckpointManager(Checkpoint):
             "epoch": epoch,
             "global_step": trainer.global_step,
             "batch_index": self._batch_index[stage],
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
         }
         try:
             payload = self._payload(trainer, pl_module, epoch, extra={"error_info": info})
@@ -212,9 +244,43 @@ class CheckpointManager(Checkpoint):
             log.warning("Could not collect the training state for the %s error checkpoint: %r",
                         stage, dump_error)
             return None
-        name = error_file(epoch) if stage == "train" else val_error_file(epoch)
-        path = self.save_dir / name
         return path if self._write(path, payload, "the error state is not kept") else None
+
+    def save_preempt_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                info: dict, at_epoch_end: bool = False) -> Path | None:
+        """Write ``epoch_{n}_preempt.pth``: the state at a step boundary after a preemption signal.
+
+        Inside an epoch the file holds the training sampler's position, so a resume continues
+        with the next batch; ``at_epoch_end`` writes the epoch-end state instead (for when the
+        epoch's own file could not be written). Older preemption files of this run are deleted
+        once the new one is on disk. Every rank must call it at the same point (the ranks'
+        random states are gathered); rank 0 writes.
+
+        Args:
+            trainer: the running trainer.
+            pl_module: the module being trained.
+            info: ``preempt_info`` (signal, epoch, global step, batch index), as plain values.
+            at_epoch_end: the epoch's batches, validation and epoch-end hooks are done.
+
+        Returns:
+            The file written, or None (not fitting, not rank 0, or the write failed).
+        """
+        if not self._started:
+            return None
+        epoch = trainer.current_epoch
+        rng_ranks = gather_rng_states(trainer)
+        if not self._writing(trainer):
+            return None
+        state = self._state(plateau=_plateau_steps_due(trainer) if at_epoch_end else None,
+                            sampler=None if at_epoch_end else sampler_position(trainer),
+                            rng_ranks=rng_ranks)
+        payload = self._payload(trainer, pl_module, epoch, snapshot=state,
+                                extra={"preempt_info": plain(info)})
+        path = self.save_dir / preempt_file(epoch)
+        if not self._write(path, payload, "a resume starts from the newest epoch file"):
+            return None
+        self._remove_superseded_preempt_files(newer_than=path)
+        return path
 
     def newest_epoch_checkpoint(self) -> Path | None:
         """The newest ``epoch_{n}.pth`` this run wrote (or resumed from) that is on disk and
@@ -240,11 +306,18 @@ class CheckpointManager(Checkpoint):
         self.save_dir = self.save_dir.absolute()
         if trainer.is_global_zero:
             remove_temporary_files(self.save_dir)
-        self.run_id = self.run_id or uuid.uuid4().hex
+        # Every rank stamps its files (error files included) with rank 0's run id.
+        self.run_id = trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex, src=0)
         self._resumed_from = Path(trainer.ckpt_path).absolute() if trainer.ckpt_path else None
         self._adopt_folder()
-        if trainer.is_global_zero:
-            self._refuse_foreign_files(trainer.max_epochs)
+        refusal = (self._foreign_files_refusal(trainer.max_epochs) if trainer.is_global_zero
+                   else None)
+        refusal = trainer.strategy.broadcast(refusal, src=0)
+        if refusal:
+            raise ForeignCheckpointError(refusal)
+        if self._restored is not None:
+            self._pending_rng = rng_state_for_rank(self._restored, trainer.global_rank,
+                                                   trainer.world_size)
         self._started = True
         self._log_start()
 
@@ -252,6 +325,9 @@ class CheckpointManager(Checkpoint):
         self._started = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._restored is not None:
+            restore_sampler_position(trainer, self._pending_sampler)
+        self._pending_sampler = None
         # The restored scheduler state predates the plateau step Lightning takes after the
         # epoch-end hook; take it now, with the metric value the file recorded.
         for index, value in self._pending_plateau:
@@ -286,11 +362,25 @@ class CheckpointManager(Checkpoint):
         metrics = trainer.callback_metrics
         validated = self._validated_epoch == epoch
         self._record_epoch(epoch, metrics, validated)
-        # TODO(multi-process RNG): only rank 0's random state reaches the file; under DDP the
-        # other ranks resume with it, so their dropout masks differ from an uninterrupted run.
         self._pending_rng = capture_rng_state()
-        if not self._writing(trainer):
-            return
+        rng_ranks = gather_rng_states(trainer)
+        written = (self._write_epoch_files(trainer, pl_module, epoch, metrics, validated,
+                                           rng_ranks)
+                   if self._writing(trainer) else False)
+        written = self._share_bookkeeping(trainer, written)
+        preemption = find_preemption_handler(trainer)
+        if self._started and preemption is not None and preemption.stop_after_epoch:
+            path = None
+            if not written:
+                path = self.save_preempt_checkpoint(trainer, pl_module,
+                                                    preemption.epoch_end_info(trainer),
+                                                    at_epoch_end=True)
+            preemption.stop(trainer, preemption.stop_after_epoch, path)
+
+    def _write_epoch_files(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                           metrics: dict, validated: bool, rng_ranks: list | None) -> bool:
+        """``best_model.pth`` and ``epoch_{n}.pth`` as configured; True when the epoch file was
+        written."""
         # TODO(sharded strategies): FSDP and DeepSpeed gather state in dump_checkpoint on every
         # rank; this callback only supports strategies whose rank 0 holds the whole state.
         score = self._monitor_score(metrics, validated)
@@ -298,22 +388,42 @@ class CheckpointManager(Checkpoint):
         write_best = improved or not self.save_best_only
         epoch_name = epoch_file(epoch) if self.save_every_epoch else None
         if not (epoch_name or write_best):
-            return
+            return False
         plateau = _plateau_steps_due(trainer)
         best = (score, epoch) if write_best else None
         payload = self._payload(trainer, pl_module, epoch,
-                                snapshot=self._state(epoch_name, best, plateau))
+                                snapshot=self._state(epoch_name, best, plateau,
+                                                     rng_ranks=rng_ranks))
         if write_best:
             self._save_best(payload, score, epoch, improved)
             # The epoch file records what really is in best_model.pth.
-            payload["callbacks"][self.state_key] = self._state(epoch_name, None, plateau)
+            payload["callbacks"][self.state_key] = self._state(epoch_name, None, plateau,
+                                                               rng_ranks=rng_ranks)
             payload["best"] = self._best_summary()
-        if epoch_name:
-            self._save_epoch(payload, epoch_name)
+        return bool(epoch_name) and self._save_epoch(payload, epoch_name)
+
+    def _share_bookkeeping(self, trainer: L.Trainer, written: bool) -> bool:
+        """Give every rank rank 0's record of the files (so that an error file written by any
+        rank holds the same state); returns rank 0's ``written``."""
+        if trainer.world_size <= 1:
+            return written
+        shared = trainer.strategy.broadcast({
+            "written": written, "rotation": self._rotation, "ours": sorted(self._ours),
+            "best_score": self._best_score, "best_epoch": self._best_epoch,
+            "best_model_path": self.best_model_path,
+        }, src=0)
+        self._rotation, self._ours = list(shared["rotation"]), set(shared["ours"])
+        self._best_score, self._best_epoch = shared["best_score"], shared["best_epoch"]
+        self.best_model_path = shared["best_model_path"]
+        return shared["written"]
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         if not self._started or id(exception) in self._handled_errors:
+            return
+        if isinstance(exception, SIGTERMException):
+            # A preemption (its file is written) or Lightning's own SIGTERM stop: not an error.
+            log.info("Fit stopped by a termination signal; resume with --ckpt_path last.")
             return
         stage = "val" if trainer.validating or trainer.sanity_checking else "train"
         try:
@@ -340,7 +450,8 @@ class CheckpointManager(Checkpoint):
         self._best_val_acc = state_dict["best_val_acc"]
         self._latest.update(state_dict["latest"])
         self.history.load_state_dict(state_dict["history"])
-        self._pending_rng = state_dict["rng"]
+        self._pending_rng = state_dict["rng"]  # on_fit_start picks this rank's, when held
+        self._pending_sampler = state_dict.get("sampler")
         self._pending_plateau = [tuple(step) for step in state_dict["plateau"]]
         if self._started:  # strategies that restore after on_fit_start
             self._adopt_folder()
@@ -379,8 +490,11 @@ class CheckpointManager(Checkpoint):
         return score > self._best_score if self.mode == "max" else score < self._best_score
 
     def _state(self, epoch_name: str | None = None, best: tuple | None = None,
-               plateau: list | None = None) -> dict:
-        """Plain-valued state; ``epoch_name`` and ``best`` describe a file about to be written."""
+               plateau: list | None = None, sampler: dict | None = None,
+               rng_ranks: list | None = None) -> dict:
+        """Plain-valued state; ``epoch_name`` and ``best`` describe a file about to be written,
+        ``sampler`` the position inside the running epoch, ``rng_ranks`` every rank's random
+        state (``rng`` is this rank's)."""
         rotation = list(self._rotation)
         if epoch_name and epoch_name not in rotation:
             rotation.append(epoch_name)
@@ -401,6 +515,8 @@ class CheckpointManager(Checkpoint):
             "rotation": rotation,
             "history": self.history.state_dict(),
             "rng": capture_rng_state(),
+            "rng_ranks": rng_ranks,
+            "sampler": sampler,
             "plateau": [list(step) for step in plateau or []],
         }
 
@@ -458,10 +574,11 @@ class CheckpointManager(Checkpoint):
             log.info("Epoch %d: %s %.6g is the best so far -> %s", epoch, self.monitor, score,
                      path)
 
-    def _save_epoch(self, payload: dict, name: str) -> None:
+    def _save_epoch(self, payload: dict, name: str) -> bool:
         path = self.save_dir / name
         if not self._write(path, payload, "older epoch files are kept"):
-            return
+            return False
+        self._remove_superseded_preempt_files(newer_than=path)
         if name not in self._rotation:
             self._rotation.append(name)
         for stale in self._prunable(self._rotation):
@@ -473,6 +590,31 @@ class CheckpointManager(Checkpoint):
                 log.warning("Could not delete the old checkpoint %s: %s", stale, error)
                 continue
             self._rotation.remove(stale.name)
+        return True
+
+    def _remove_superseded_preempt_files(self, newer_than: Path) -> None:
+        """Delete this run's preemption files older (by progress) than ``newer_than``, which is
+        on disk: a resume would never choose them again."""
+        limit = progress_key(newer_than)
+        for path in sorted(self.save_dir.glob("epoch_*_preempt.pth")):
+            key = progress_key(path)
+            if path == newer_than or key is None or not key < limit or not self._is_ours(path):
+                continue
+            try:
+                path.unlink()
+            except OSError as error:
+                log.warning("Could not delete the superseded preemption file %s: %s", path,
+                            error)
+                continue
+            self._ours.discard(path.name)
+            log.info("Deleted %s: %s is newer.", path.name, newer_than.name)
+
+    def _error_already_saved(self, path: Path, global_step: int) -> bool:
+        """Whether ``path`` is this run's error file of the step ``global_step``."""
+        summary = read_summary(path) if path.is_file() else None
+        if summary is None or summary.get("run_id") != self.run_id:
+            return False
+        return (summary.get("error_info") or {}).get("global_step") == global_step
 
     def _prunable(self, rotation: list) -> list:
         protected = [self._resumed_from] if self._resumed_from else []
@@ -567,10 +709,11 @@ class CheckpointManager(Checkpoint):
                      "replaces it.", path, best.get("monitor"), best.get("mode"), self.monitor,
                      self.mode)
 
-    def _refuse_foreign_files(self, max_epochs: int | None) -> None:
-        """Fail before training when files of another run sit under names this run will write."""
+    def _foreign_files_refusal(self, max_epochs: int | None) -> str | None:
+        """Why training must not start: files of another run sit under names this run will
+        write (the message of a :class:`ForeignCheckpointError`); None when there are none."""
         if not self.save_dir.is_dir():
-            return
+            return None
         first = self._last_epoch + 1
         last = max_epochs - 1 if max_epochs is not None and max_epochs >= 0 else math.inf
         at_risk = []
@@ -580,9 +723,9 @@ class CheckpointManager(Checkpoint):
             written_by_this_run = kind == "best" or in_range
             if written_by_this_run and not self._may_overwrite(path, move_damaged=False):
                 at_risk.append(path.name)
-        if at_risk:
-            raise ForeignCheckpointError(
-                f"training.save_dir {self.save_dir} holds checkpoint files of another run that "
+        if not at_risk:
+            return None
+        return (f"training.save_dir {self.save_dir} holds checkpoint files of another run that "
                 f"this run would overwrite: {', '.join(at_risk)}. Move them away (or back them "
                 "up as backup_*.pth), choose another --training.save_dir, or continue that run "
                 "with --ckpt_path last.")
@@ -593,9 +736,11 @@ class CheckpointManager(Checkpoint):
             return
         best = ("none yet" if self._best_score is None
                 else f"{self.monitor} {self._best_score:.6g} at epoch {self._best_epoch}")
+        position = self._pending_sampler
+        where = (f"inside epoch {position['epoch']} after {position.get('batches')} batch(es)"
+                 if position else f"after epoch {self._last_epoch}")
         rank_zero_info(f"Checkpoints go to {self.save_dir}: run {self.run_id[:8]} continues "
-                       f"after epoch {self._last_epoch}; {len(self._rotation)} epoch file(s) "
-                       f"kept, best {best}.")
+                       f"{where}; {len(self._rotation)} epoch file(s) kept, best {best}.")
 
 
 def non_finite_weights(module: torch.nn.Module) -> list:
@@ -618,6 +763,11 @@ def _plateau_steps_due(trainer: L.Trainer) -> list:
                 and config.monitor in trainer.callback_metrics):
             due.append([index, metric_value(trainer.callback_metrics, config.monitor)])
     return due
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else ""
 
 
 def _disk_error(error: BaseException) -> OSError | None:

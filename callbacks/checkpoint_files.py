@@ -11,20 +11,26 @@ file                           kind          written when
 ``epoch_{n}_error.pth``        error         a training step raised
 ``epoch_{n}_val_error.pth``    val_error     validation raised
 ``epoch_{n}_nan.pth``          nan           the training loss or a gradient was NaN/Inf
+``epoch_{n}_preempt.pth``      preempt       SIGTERM/SIGUSR1 stopped epoch ``n`` early
 ``backup_{name}.pth``          backup        the user backs a file up (never pruned)
 =============================  ============  ==========================================
+
+A preemption file holds the state after the last optimizer step before the signal, inside
+epoch ``n`` (or at its end when that epoch's own file could not be written): it is newer than
+``epoch_{n-1}.pth`` and older than ``epoch_{n}.pth``, which is the order :func:`progress_key`
+gives and ``--ckpt_path last`` follows.
 """
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 BEST_FILE = "best_model.pth"
 BACKUP_PREFIX = "backup_"
 CHECKPOINT_SUFFIX = ".pth"
-KINDS = ("epoch", "best", "error", "val_error", "nan", "backup")
+KINDS = ("epoch", "best", "error", "val_error", "nan", "backup", "preempt")
 
-_EPOCH_PATTERN = re.compile(r"^epoch_(\d+)(?:_(error|val_error|nan))?\.pth$")
+_EPOCH_PATTERN = re.compile(r"^epoch_(\d+)(?:_(error|val_error|nan|preempt))?\.pth$")
 
 
 def epoch_file(epoch: int) -> str:
@@ -41,6 +47,10 @@ def val_error_file(epoch: int) -> str:
 
 def nan_file(epoch: int) -> str:
     return f"epoch_{epoch}_nan.pth"
+
+
+def preempt_file(epoch: int) -> str:
+    return f"epoch_{epoch}_preempt.pth"
 
 
 def backup_file(name: str) -> str:
@@ -79,8 +89,32 @@ def epoch_files(folder) -> list:
     return [path for _, path in sorted(found)]
 
 
+def progress_key(path) -> tuple | None:
+    """Sort key of the resumable files by training progress; None for other files.
+
+    ``epoch_{n}_preempt.pth`` (stopped inside epoch ``n``) sorts after ``epoch_{n-1}.pth`` and
+    before ``epoch_{n}.pth`` (epoch ``n`` complete).
+    """
+    kind, epoch = classify(path)
+    if kind == "epoch":
+        return epoch, 1
+    if kind == "preempt":
+        return epoch, 0
+    return None
+
+
+def resumable_files(folder) -> list:
+    """Epoch and preemption files of ``folder``, least progress first (see :func:`progress_key`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(progress_key(path), path) for path in folder.iterdir()
+             if progress_key(path) is not None]
+    return [path for _, path in sorted(found)]
+
+
 def files_to_prune(candidates: Iterable, keep_last: int,
-                   protected: Optional[Iterable] = None) -> list:
+                   protected: Iterable | None = None) -> list:
     """Which epoch files to delete so that the ``keep_last`` newest remain.
 
     Only ``epoch_{n}.pth`` files among ``candidates`` are considered; best, error, NaN and

@@ -1,4 +1,5 @@
-"""What a checkpoint remembers besides the weights: metric histories and random-number state.
+"""What a checkpoint remembers besides the weights: metric histories, random-number state and
+the training sampler's position.
 
 Everything here is made of plain Python values (and CPU tensors), so a file that holds it loads
 with ``torch.load(path, weights_only=True)``, the default of Lightning 2.6 on torch >= 2.6.
@@ -11,6 +12,8 @@ from pathlib import PurePath
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,106 @@ def restore_rng_state(state: dict) -> None:
             log.warning("The checkpoint holds the random state of %d CUDA devices, this machine "
                         "has %d: CUDA random numbers start afresh.", len(cuda_states),
                         torch.cuda.device_count())
+
+
+def gather_rng_states(trainer) -> list | None:
+    """Every rank's :func:`capture_rng_state`, by global rank; None with a single process.
+
+    A collective under several processes: every rank must call it at the same point.
+    """
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    states = [None] * trainer.world_size
+    dist.all_gather_object(states, capture_rng_state())
+    return [_cpu(state) for state in states]
+
+
+def rng_state_for_rank(state: dict, rank: int, world_size: int) -> dict | None:
+    """The random state rank ``rank`` resumes with, from a checkpoint manager's state: its own
+    when the file holds one per rank of a run of the same size, else rank 0's ``rng``."""
+    per_rank = state.get("rng_ranks")
+    if per_rank and len(per_rank) == world_size:
+        return per_rank[rank]
+    if per_rank and rank == 0:
+        rank_zero_warn(f"The checkpoint holds the random state of {len(per_rank)} processes and "
+                       f"this run has {world_size}: every process resumes with rank 0's, so "
+                       "dropout draws differ from an uninterrupted run.")
+    return state.get("rng")
+
+
+def _cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(item) for item in value)
+    return value
+
+
+def training_sampler(trainer):
+    """The training loader's sampler that keeps a position (``state_dict``, ``load_state_dict``
+    and ``set_epoch``), also inside Lightning's distributed wrapper; None when there is none."""
+    loader = getattr(trainer, "train_dataloader", None)
+    candidates = [getattr(loader, "sampler", None),
+                  getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    while candidates:
+        sampler = candidates.pop(0)
+        if all(callable(getattr(sampler, name, None))
+               for name in ("state_dict", "load_state_dict", "set_epoch")):
+            return sampler
+        # Lightning's DistributedSamplerWrapper keeps the sampler it wraps as dataset._sampler.
+        inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+        if inner is not None:
+            candidates.append(inner)
+    return None
+
+
+def sampler_position(trainer) -> dict | None:
+    """The training sampler's position after the batches this epoch has trained so far.
+
+    Lightning deals a distributed epoch out by position (rank ``r`` takes ``r, r + W, ...``), so
+    after ``b`` batches of size ``B`` on each of ``W`` ranks the first ``b * B * W`` positions
+    of the epoch's order are done. None without a sampler that keeps a position.
+    """
+    sampler = training_sampler(trainer)
+    loader = getattr(trainer, "train_dataloader", None)
+    batch_size = getattr(loader, "batch_size", None)
+    if sampler is None or not batch_size:
+        return None
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    consumed = min(batches * batch_size * trainer.world_size, len(sampler))
+    return {**sampler.state_dict(consumed), "world_size": trainer.world_size,
+            "batches": batches}
+
+
+def restore_sampler_position(trainer, position: dict | None) -> None:
+    """Set the training sampler to the restored epoch (and position inside it, when the file was
+    written inside that epoch) before its first batch is drawn.
+
+    Lightning drew the loader's first indices before it sets the sampler's epoch (loader
+    workers fetch ahead when the iterator is made), and it does not make a new iterator for the
+    first epoch of a resumed run; so the iterator is made again here.
+    """
+    sampler = training_sampler(trainer)
+    if sampler is None:
+        return
+    sampler.set_epoch(trainer.current_epoch)
+    if position and position.get("epoch") == trainer.current_epoch:
+        if position.get("world_size", trainer.world_size) != trainer.world_size:
+            rank_zero_warn(f"The checkpoint was written inside epoch {position['epoch']} by "
+                           f"{position['world_size']} processes and this run has "
+                           f"{trainer.world_size}: the rest of that epoch is approximate (some "
+                           "samples may be seen twice or not at all).")
+        try:
+            sampler.load_state_dict({key: value for key, value in position.items()
+                                     if key not in ("world_size", "batches")})
+        except ValueError as error:
+            rank_zero_warn(f"Not restoring the sampler position ({error}); epoch "
+                           f"{trainer.current_epoch} restarts its sample order.")
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if fetcher is not None and getattr(fetcher, "_combined_loader", None) is not None:
+        iter(fetcher)
 
 
 def plain(value):

@@ -18,6 +18,11 @@ step). On a non-finite value it
 After ``max_consecutive_nan`` such steps in a row the Trainer is asked to stop, with a list of
 what to check. Under 16-bit mixed precision an overflow of the gradients alone (finite loss) is
 left to the GradScaler, which skips that step and lowers its scale by design.
+
+Several processes (DDP): the ranks agree before acting (an all-reduce of every rank's two
+flags at each optimizer step), so a NaN loss on one rank makes every rank skip, roll back or
+stop at the same step and their weights stay equal; ``nan_info['ranks']`` names the ranks that
+saw it. A rollback loads the state rank 0 read, sent to every rank.
 """
 
 import logging
@@ -27,6 +32,7 @@ from typing import Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.alerts import raise_alert
@@ -108,22 +114,26 @@ class NanGuard(Callback):
         window, self._window, self._loss_finite = self._window, [], None
         norm = gradient_norm(optimizer, trainer)
         grads_finite = norm is None or math.isfinite(norm)
+        loss_finite, grads_finite, ranks = agree_on_finite(trainer, loss_finite, grads_finite)
         if loss_finite and grads_finite:
             self.consecutive = 0
             return
         if loss_finite and _has_grad_scaler(trainer):
             log.debug("gradient overflow at step %d left to the GradScaler", trainer.global_step)
             return
-        self._handle(trainer, pl_module, optimizer, loss_finite, window)
+        self._handle(trainer, pl_module, optimizer, loss_finite, window, ranks)
 
     def _handle(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                optimizer: torch.optim.Optimizer, loss_finite: bool, window: list) -> None:
+                optimizer: torch.optim.Optimizer, loss_finite: bool, window: list,
+                ranks: list) -> None:
         self.total += 1
         self.consecutive += 1
         indices = [index for index, _ in window]
         batches = (f"batch {indices[0]}" if len(indices) == 1 else
                    f"batches {indices[0]}-{indices[-1]}" if indices else "batch ?")
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}, {batches}"
+        if trainer.world_size > 1:
+            where += f", rank(s) {', '.join(map(str, ranks))} of {trainer.world_size}"
         bad_inputs, more = non_finite_inputs([sample for _, batch in window
                                               for sample in _samples(batch)],
                                              *_input_names(trainer))
@@ -137,6 +147,7 @@ class NanGuard(Callback):
             "non_finite": "gradients" if loss_finite else "loss",
             "non_finite_inputs": [", ".join(entry) for entry in bad_inputs],
             "policy": self.policy,
+            "ranks": ranks,
         }
         saved = _save_nan_checkpoint(manager, trainer, pl_module, info)
 
@@ -168,18 +179,28 @@ class NanGuard(Callback):
     def _rollback(self, trainer: L.Trainer, pl_module: L.LightningModule,
                   optimizer: torch.optim.Optimizer, manager) -> str:
         lrs_before = [group["lr"] for group in optimizer.param_groups]
-        path = manager.newest_epoch_checkpoint() if manager is not None else None
+        path, state, problem = None, None, None
+        if trainer.is_global_zero and manager is not None:
+            path = manager.newest_epoch_checkpoint()
+            if path is not None:
+                try:
+                    state = read_training_state(Path(path))
+                except Exception as error:  # a bad file must not end the run: skip instead
+                    problem = f"{type(error).__name__}: {error}"
+        # Every rank rolls back to the same state, or none does (no shared disk needed).
+        path, state, problem = trainer.strategy.broadcast((path, state, problem), src=0)
         restored = ""
         if path is None:
             restored = "No epoch checkpoint to roll back to yet: skipped the step instead. "
-        else:
+        elif problem is None:
             try:
-                restore_training_state(Path(path), pl_module, optimizer)
+                apply_training_state(state, pl_module, optimizer)
                 self.rollbacks += 1
                 restored = f"Rolled back to {path} (model and optimizer state). "
-            except Exception as error:  # a bad file must not end the run: skip instead
-                restored = (f"Could not roll back to {path} ({type(error).__name__}: {error}): "
-                            f"skipped the step instead. ")
+            except Exception as error:  # noqa: BLE001 - a state that does not fit: skip instead
+                problem = f"{type(error).__name__}: {error}"
+        if problem is not None:
+            restored = f"Could not roll back to {path} ({problem}): skipped the step instead. "
         halved = scale_learning_rates(trainer, optimizer, lrs_before, LR_FACTOR)
         lrs = ", ".join(f"{lr:.3g}" for lr in halved)
         return f"{restored}Learning rate halved to {lrs} (nan_policy=rollback)."
@@ -201,9 +222,8 @@ def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
             parameter.grad = None
 
 
-def restore_training_state(path: Path, pl_module: L.LightningModule,
-                           optimizer: torch.optim.Optimizer) -> None:
-    """Load ``model_state_dict`` and ``optimizer_state_dict`` of an epoch checkpoint.
+def read_training_state(path: Path) -> dict:
+    """``model_state_dict`` and ``optimizer_state_dict`` of an epoch checkpoint, checked.
 
     Raises:
         ValueError: the file lacks a key, or its model state holds a non-finite value.
@@ -216,8 +236,32 @@ def restore_training_state(path: Path, pl_module: L.LightningModule,
     for name, value in model_state.items():
         if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
             raise ValueError(f"{path} holds non-finite values in {name!r}")
-    getattr(pl_module, "model", pl_module).load_state_dict(model_state)
+    return {key: state[key] for key in ("model_state_dict", "optimizer_state_dict")}
+
+
+def apply_training_state(state: dict, pl_module: L.LightningModule,
+                         optimizer: torch.optim.Optimizer) -> None:
+    """Load :func:`read_training_state`'s output into the bare model and the optimizer."""
+    getattr(pl_module, "model", pl_module).load_state_dict(state["model_state_dict"])
     optimizer.load_state_dict(state["optimizer_state_dict"])
+
+
+def agree_on_finite(trainer: L.Trainer, loss_finite: bool, grads_finite: bool) -> tuple:
+    """``(loss_finite, grads_finite, ranks)`` agreed by every rank: a flag is False when it is
+    on any rank; ``ranks`` lists the ranks that saw a non-finite value.
+
+    A collective under several processes: every rank calls it at every optimizer step.
+    """
+    bad = [not loss_finite, not grads_finite]
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return loss_finite, grads_finite, [0] if any(bad) else []
+    flags = torch.zeros((trainer.world_size, 2), dtype=torch.int32,
+                        device=trainer.strategy.root_device)  # (ranks, [loss, gradients])
+    flags[trainer.global_rank] = torch.tensor(bad, dtype=torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    flags = flags.cpu()
+    ranks = [rank for rank in range(trainer.world_size) if bool(flags[rank].any())]
+    return not bool(flags[:, 0].any()), not bool(flags[:, 1].any()), ranks
 
 
 def scale_learning_rates(trainer: L.Trainer, optimizer: torch.optim.Optimizer,

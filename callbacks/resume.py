@@ -1,8 +1,9 @@
 """Choosing and checking the checkpoint a run resumes from.
 
-``--ckpt_path last`` means the newest ``epoch_{n}.pth`` of ``training.save_dir`` that loads (a
-damaged newer one is skipped with a warning naming it); ``--ckpt_path best`` means its
-``best_model.pth``. Before Lightning restores anything, :func:`check_resume_compatible` fails
+``--ckpt_path last`` means the newest ``epoch_{n}.pth`` or ``epoch_{n}_preempt.pth`` of
+``training.save_dir`` that loads, newest by training progress (a preemption file of epoch ``n`` is
+newer than ``epoch_{n-1}.pth``, older than ``epoch_{n}.pth``); a damaged newer one is skipped with a
+warning naming it. ``--ckpt_path best`` means its ``best_model.pth``. Before Lightning restores anything, :func:`check_resume_compatible` fails
 fast on a model whose parameter shapes differ from the checkpoint's and lists every other
 hyperparameter difference in one warning.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.checkpoint_files import BEST_FILE, epoch_files
+from callbacks.checkpoint_files import BEST_FILE, resumable_files
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,10 @@ def read_summary(path) -> dict | None:
     return checkpoint if isinstance(checkpoint, dict) else None
 
 
-def newest_loadable_epoch_file(folder) -> tuple:
-    """``(path, checkpoint)`` of the newest ``epoch_{n}.pth`` in ``folder`` that loads and holds
-    a resumable state, or ``(None, None)``; each file skipped is named in a warning."""
-    for path in reversed(epoch_files(folder)):
+def newest_loadable_resume_file(folder) -> tuple:
+    """``(path, checkpoint)`` of the newest epoch or preemption file in ``folder`` that loads and
+    holds a resumable state, or ``(None, None)``; each file skipped is named in a warning."""
+    for path in reversed(resumable_files(folder)):
         try:
             checkpoint = load_checkpoint(path)
             missing = [key for key in RESUME_KEYS if key not in checkpoint]
@@ -87,10 +88,10 @@ def resolve_ckpt_path(ckpt_path, save_dir) -> tuple:
         return None, None
     save_dir = Path(save_dir)
     if ckpt_path == "last":
-        path, checkpoint = newest_loadable_epoch_file(save_dir)
+        path, checkpoint = newest_loadable_resume_file(save_dir)
         if path is None:
-            rank_zero_warn(f"--ckpt_path last: no loadable epoch checkpoint in {save_dir}; "
-                           "starting from scratch.")
+            rank_zero_warn(f"--ckpt_path last: no loadable epoch or preemption checkpoint in "
+                           f"{save_dir}; starting from scratch.")
             return None, None
         log.info("--ckpt_path last resolves to %s", path)
         return str(path), checkpoint

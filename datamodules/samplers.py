@@ -67,6 +67,13 @@ class EpochShuffleSampler(Sampler):
     random state or on which worker process builds the sample: a run resumed at epoch ``e``
     sees exactly the samples an uninterrupted run would. Lightning calls :meth:`set_epoch`
     at the start of every training epoch.
+
+    Position: :meth:`state_dict` records the epoch and how many positions of its order were
+    consumed; after :meth:`load_state_dict`, the next iteration over that epoch yields the
+    positions not yet consumed first, then the consumed ones. The length never changes, so
+    Lightning's distributed wrapper, which deals the whole order out to the ranks by position
+    (rank ``r`` takes positions ``r, r + W, ...``), keeps dealing each rank its own remaining
+    samples; the training loop stops after the epoch's batch count, before the consumed tail.
     """
 
     def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
@@ -74,6 +81,7 @@ class EpochShuffleSampler(Sampler):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self._resume: tuple | None = None  # (epoch, consumed positions) for the next iteration
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -86,5 +94,40 @@ class EpochShuffleSampler(Sampler):
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
-            order = range(self.num_samples)
+            order = list(range(self.num_samples))
+        resume, self._resume = self._resume, None
+        if resume is not None and resume[0] == self.epoch:
+            consumed = resume[1]
+            order = order[consumed:] + order[:consumed]
         return iter([(self.epoch, index) for index in order])
+
+    def state_dict(self, consumed: int = 0) -> dict:
+        """The sampler's position as plain values.
+
+        Args:
+            consumed: positions of this epoch's order already trained on. The sampler cannot
+                count them itself: loaders fetch ahead and the distributed wrapper reads the
+                whole order at once, so the training loop says how far it got.
+        """
+        if not 0 <= consumed <= self.num_samples:
+            raise ValueError(f"consumed must be in [0, {self.num_samples}], got {consumed}.")
+        return {"seed": self.seed, "num_samples": self.num_samples, "shuffle": self.shuffle,
+                "epoch": self.epoch, "consumed": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s position at the next iteration over its epoch.
+
+        Raises:
+            ValueError: the state belongs to another order (seed, sample count or shuffling
+                differ), naming the differences.
+        """
+        differences = [f"{key} {state.get(key)!r} in the state, {getattr(self, key)!r} here"
+                       for key in ("seed", "num_samples", "shuffle")
+                       if state.get(key) != getattr(self, key)]
+        if differences:
+            raise ValueError("The sampler position belongs to another sample order: "
+                             + "; ".join(differences) + ".")
+        self.epoch = int(state["epoch"])
+        consumed = int(state.get("consumed", 0))
+        self._resume = (self.epoch, consumed) if 0 < consumed < self.num_samples else None
+

@@ -17,6 +17,7 @@ from typing import Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -180,12 +181,18 @@ class GatedGNNModule(L.LightningModule):
         self._log_ic("test")
 
     def _log_ic(self, stage: str) -> None:
-        if not self._ic_inputs[stage]:
+        rows = self._ic_inputs[stage]
+        distributed = self._trainer is not None and self.trainer.world_size > 1 \
+            and dist.is_available() and dist.is_initialized()
+        if not rows and not distributed:
             return
-        # TODO(multi-process IC): under DDP each rank sees only its own days; gather the
-        # (day, score, return) rows across ranks before computing the daily means.
-        day, score, forward = torch.cat(self._ic_inputs[stage], dim=1).numpy()
+        rows = torch.cat(rows, dim=1) if rows else torch.zeros((3, 0), dtype=torch.float64)
         self._ic_inputs[stage].clear()
+        if distributed:
+            rows = rows_of_every_rank(rows, self.trainer.world_size)
+            if rows.shape[1] == 0:
+                return
+        day, score, forward = rows.numpy()  # (3, node-days)
         result = daily_ic(day, score, forward)
         for name, value in (("IC", result.ic), ("RankIC", result.rank_ic),
                             ("ICIR", result.icir), ("RankICIR", result.rank_icir)):
@@ -230,3 +237,26 @@ class GatedGNNModule(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+
+def rows_of_every_rank(rows: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The (day, score, return) rows of every rank, each day once.
+
+    Under DDP each rank evaluates its share of the days, and Lightning's distributed sampler
+    repeats a few days to give every rank as many: a day's rows are kept from the lowest rank
+    that has them. Every rank must call it (a collective) and gets the same result.
+
+    Args:
+        rows: this rank's rows.  # (3, node-days) float64: day, score, forward return
+        world_size: number of ranks.
+
+    Returns:
+        Every rank's rows, by rank.  # (3, node-days of all ranks)
+    """
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, rows.cpu())
+    kept, seen = [], torch.zeros(0, dtype=rows.dtype)
+    for part in gathered:
+        fresh = ~torch.isin(part[0], seen)
+        kept.append(part[:, fresh])
+        seen = torch.cat([seen, part[0, fresh].unique()])
+    return torch.cat(kept, dim=1)
