@@ -167,8 +167,9 @@ def _write_summary(axis, curves: Curves) -> None:
     lines = [f"last epoch: {curves.last_epoch if curves.last_epoch is not None else '-'}",
              (f"best epoch: {curves.best_epoch if curves.best_epoch is not None else '-'} "
              "(dashed line)")]
-    for name, label, spec in (("val_accuracy", "val accuracy", "%"), ("val_loss", "val loss", ".4f"),
-                              ("val_IC", "val IC", "+.4f"), ("val_RankIC", "val RankIC", "+.4f")):
+    shown = (("val_accuracy", "val accuracy", "%"), ("val_loss", "val loss", ".4f"),
+             ("val_IC", "val IC", "+.4f"), ("val_RankIC", "val RankIC", "+.4f"))
+    for name, label, spec in shown:
         value = _value_at(curves, name, curves.best_epoch)
         if value is not None:
             text = format_percent(value) if spec == "%" else format(value, spec)

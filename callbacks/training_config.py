@@ -9,8 +9,8 @@ from callbacks.epoch_summary import EpochSummary
 from callbacks.fit_report import FitReport
 from callbacks.gate_statistics import GateStatistics
 from callbacks.health import health_callbacks
-from callbacks.preflight import Preflight
 from callbacks.prediction_writer import PredictionFileWriter
+from callbacks.preflight import Preflight
 
 log = logging.getLogger(__name__)
 

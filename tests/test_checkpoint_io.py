@@ -36,7 +36,7 @@ def test_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
         def __reduce__(self):
             raise OSError(28, "No space left on device")
 
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="No space left"):
         atomic_save({"epoch": 4, "bad": Unsaveable()}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]

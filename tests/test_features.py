@@ -2,7 +2,6 @@
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from datamodules.features import NO_LABEL, FeatureBuilder, forward_returns, quantile_classes
 from datamodules.loading import load_panel

@@ -5,7 +5,6 @@ import math
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import fit_args, shared_data_or_skip
 
 

@@ -66,7 +66,10 @@ def test_node_without_input_carries_its_embedding_only():
     net = _net().eval()
     day = _day(5)
     day["has_input"][2] = False
-    args = lambda d: (d["x"], d["bar_mask"], d["has_input"], d["node_index"], d["edge_index"])
+
+    def args(d):
+        return d["x"], d["bar_mask"], d["has_input"], d["node_index"], d["edge_index"]
+
     first = net(*args(day))
     day["x"][2] = 100.0  # the node's own history no longer matters
     loops = torch.arange(5)
