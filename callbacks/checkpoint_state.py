@@ -185,28 +185,22 @@ def _cpu(value):
 
 
 def training_sampler(trainer):
-    """The training loader's sampler that keeps a position (``state_dict``, ``load_state_dict``
-    and ``set_epoch``), also inside Lightning's distributed wrapper; None when there is none."""
+    """The training loader's sampler when it keeps a position (``state_dict(consumed)``,
+    ``load_state_dict`` and ``set_epoch``, as ``EpochShuffleSampler``); None otherwise."""
     loader = getattr(trainer, "train_dataloader", None)
-    candidates = [getattr(loader, "sampler", None),
-                  getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
-    while candidates:
-        sampler = candidates.pop(0)
+    for sampler in (getattr(loader, "sampler", None),
+                    getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
         if all(callable(getattr(sampler, name, None))
                for name in ("state_dict", "load_state_dict", "set_epoch")):
             return sampler
-        # Lightning's DistributedSamplerWrapper keeps the sampler it wraps as dataset._sampler.
-        inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
-        if inner is not None:
-            candidates.append(inner)
     return None
 
 
 def sampler_position(trainer) -> dict | None:
     """The training sampler's position after the batches this epoch has trained so far.
 
-    Lightning deals a distributed epoch out by position (rank ``r`` takes ``r, r + W, ...``), so
-    after ``b`` batches of size ``B`` on each of ``W`` ranks the first ``b * B * W`` positions
+    The sampler deals a distributed epoch out by position (rank ``r`` takes ``r, r + W, ...``),
+    so after ``b`` batches of size ``B`` on each of ``W`` ranks the first ``b * B * W`` positions
     of the epoch's order are done. None without a sampler that keeps a position.
     """
     sampler = training_sampler(trainer)
@@ -215,9 +209,8 @@ def sampler_position(trainer) -> dict | None:
     if sampler is None or not batch_size:
         return None
     batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-    consumed = min(batches * batch_size * trainer.world_size, len(sampler))
-    return {**sampler.state_dict(consumed), "world_size": trainer.world_size,
-            "batches": batches}
+    return {**sampler.state_dict(batches * batch_size * trainer.world_size),
+            "world_size": trainer.world_size, "batches": batches}
 
 
 def restore_sampler_position(trainer, position: dict | None) -> None:

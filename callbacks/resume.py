@@ -1,11 +1,15 @@
 """Choosing and checking the checkpoint a run resumes from.
 
-``--ckpt_path last`` means the newest ``epoch_{n}.pth`` or ``epoch_{n}_preempt.pth`` of
-``training.save_dir`` that loads, newest by training progress (a preemption file of epoch ``n`` is
-newer than ``epoch_{n-1}.pth``, older than ``epoch_{n}.pth``); a damaged newer one is skipped with a
-warning naming it. ``--ckpt_path best`` means its ``best_model.pth``. Before Lightning restores anything, :func:`check_resume_compatible` fails
-fast on a model whose parameter shapes differ from the checkpoint's and lists every other
-hyperparameter difference in one warning.
+``--ckpt_path last`` means the newest file of ``training.save_dir`` that loads and holds a state
+to resume, newest by training progress: ``epoch_{n}.pth``; ``epoch_{n}_preempt.pth`` (newer than
+``epoch_{n-1}.pth``, older than ``epoch_{n}.pth``); and ``best_model.pth`` when its epoch is later
+than that of every epoch and preemption file there (it is written just before the epoch file of
+its epoch, so a kill between the two leaves it the newest state). A damaged newer file is
+skipped with a warning naming it. ``--ckpt_path best`` means ``best_model.pth``.
+
+Before Lightning restores anything, :func:`check_resume_compatible` fails fast on a model whose
+parameter shapes differ from the checkpoint's and lists every other hyperparameter difference
+in one warning.
 """
 
 import logging
@@ -14,7 +18,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.checkpoint_files import BEST_FILE, resumable_files
+from callbacks.checkpoint_files import BEST_FILE, progress_key, resumable_files
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,21 @@ def read_summary(path) -> dict | None:
     return checkpoint if isinstance(checkpoint, dict) else None
 
 
+def resume_candidates(folder) -> list:
+    """Files of ``folder`` a run can resume from, newest by progress first (module docstring)."""
+    candidates = [(progress_key(path), path) for path in resumable_files(folder)]
+    best = Path(folder) / BEST_FILE
+    summary = read_summary(best) if best.is_file() else None
+    latest = max((key[0] for key, _ in candidates), default=-1)
+    if summary is not None and isinstance(summary.get("epoch"), int) and summary["epoch"] > latest:
+        candidates.append(((summary["epoch"], 1), best))
+    return [path for _, path in sorted(candidates, reverse=True)]
+
+
 def newest_loadable_resume_file(folder) -> tuple:
-    """``(path, checkpoint)`` of the newest epoch or preemption file in ``folder`` that loads and
+    """``(path, checkpoint)`` of the newest file of :func:`resume_candidates` that loads and
     holds a resumable state, or ``(None, None)``; each file skipped is named in a warning."""
-    for path in reversed(resumable_files(folder)):
+    for path in resume_candidates(folder):
         try:
             checkpoint = load_checkpoint(path)
             missing = [key for key in RESUME_KEYS if key not in checkpoint]

@@ -4,9 +4,12 @@ Cross-sectional training does not feed the whole day at once: each sample draws 
 nodes and adds their 1-hop neighbours, and the loss is taken on those active nodes.
 """
 
+import math
+
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler, Sampler
 
 SAMPLERS = ("degree", "uniform", "sequential")
 
@@ -59,7 +62,7 @@ def with_neighbours(centers: np.ndarray, neighbours: list) -> np.ndarray:
     return np.unique(np.concatenate(parts))
 
 
-class EpochShuffleSampler(Sampler):
+class EpochShuffleSampler(DistributedSampler):
     """Shuffles sample indices with a seed derived from (seed, epoch) and yields
     ``(epoch, index)`` pairs, so each sample can seed its own random draws.
 
@@ -68,26 +71,58 @@ class EpochShuffleSampler(Sampler):
     sees exactly the samples an uninterrupted run would. Lightning calls :meth:`set_epoch`
     at the start of every training epoch.
 
-    Position: :meth:`state_dict` records the epoch and how many positions of its order were
-    consumed; after :meth:`load_state_dict`, the next iteration over that epoch yields the
-    positions not yet consumed first, then the consumed ones. The length never changes, so
-    Lightning's distributed wrapper, which deals the whole order out to the ranks by position
-    (rank ``r`` takes positions ``r, r + W, ...``), keeps dealing each rank its own remaining
-    samples; the training loop stops after the epoch's batch count, before the consumed tail.
+    Several processes: the sampler deals the epoch's order out itself, rank ``r`` of ``W``
+    taking positions ``r, r + W, ...`` (the order is padded with its first positions to a
+    multiple of ``W``, as torch's ``DistributedSampler`` does). It is a ``DistributedSampler``
+    so that Lightning does not wrap it in its own, which would shuffle the positions again and
+    make a position inside the epoch meaningless. The ranks and their number come from
+    ``torch.distributed`` when it is initialized (one process otherwise), or from the arguments.
+
+    Position: :meth:`state_dict` records the epoch and how many positions of its (padded)
+    order the ranks consumed together; after :meth:`load_state_dict`, the next iteration over
+    that epoch leaves each rank's consumed share out, so training continues with the next batch.
+
+    Args:
+        num_samples: samples in the data set.
+        seed: seed of the order.
+        shuffle: shuffle (True) or keep the data set's order.
+        num_replicas: number of ranks; None reads it from ``torch.distributed``.
+        rank: this process's rank; None reads it from ``torch.distributed``.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True,
+                 num_replicas: int | None = None, rank: int | None = None):
+        # DistributedSampler's constructor insists on a process group; nothing of it is used.
+        Sampler.__init__(self)
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self._num_replicas, self._rank = num_replicas, rank
         self._resume: tuple | None = None  # (epoch, consumed positions) for the next iteration
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def total_size(self) -> int:
+        """Positions of the padded order: ``num_samples`` rounded up to a multiple of ranks."""
+        return math.ceil(self.num_samples / self.num_replicas) * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.total_size // self.num_replicas
 
     def __iter__(self):
         if self.shuffle:
@@ -95,22 +130,24 @@ class EpochShuffleSampler(Sampler):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
+        padding = self.total_size - len(order)
+        order += (order * math.ceil(padding / max(len(order), 1)))[:padding]
+        share = order[self.rank::self.num_replicas]
         resume, self._resume = self._resume, None
         if resume is not None and resume[0] == self.epoch:
-            consumed = resume[1]
-            order = order[consumed:] + order[:consumed]
-        return iter([(self.epoch, index) for index in order])
+            share = share[resume[1] // self.num_replicas:]
+        return iter([(self.epoch, index) for index in share])
 
     def state_dict(self, consumed: int = 0) -> dict:
         """The sampler's position as plain values.
 
         Args:
-            consumed: positions of this epoch's order already trained on. The sampler cannot
-                count them itself: loaders fetch ahead and the distributed wrapper reads the
-                whole order at once, so the training loop says how far it got.
+            consumed: positions of this epoch's padded order the ranks trained on together
+                (batches x batch size x ranks). The sampler cannot count them itself: loaders
+                fetch ahead of the training loop.
         """
-        if not 0 <= consumed <= self.num_samples:
-            raise ValueError(f"consumed must be in [0, {self.num_samples}], got {consumed}.")
+        if not 0 <= consumed <= self.total_size:
+            raise ValueError(f"consumed must be in [0, {self.total_size}], got {consumed}.")
         return {"seed": self.seed, "num_samples": self.num_samples, "shuffle": self.shuffle,
                 "epoch": self.epoch, "consumed": consumed}
 
@@ -129,5 +166,4 @@ class EpochShuffleSampler(Sampler):
                              + "; ".join(differences) + ".")
         self.epoch = int(state["epoch"])
         consumed = int(state.get("consumed", 0))
-        self._resume = (self.epoch, consumed) if 0 < consumed < self.num_samples else None
-
+        self._resume = (self.epoch, consumed) if consumed > 0 else None
