@@ -248,19 +248,21 @@ def apply_training_state(state: dict, pl_module: L.LightningModule,
 
 def agree_on_finite(trainer: L.Trainer, loss_finite: bool, grads_finite: bool) -> tuple:
     """``(loss_finite, grads_finite, ranks)`` agreed by every rank: a flag is False when it is
-    on any rank; ``ranks`` lists the ranks that saw a non-finite value.
+    on any rank; ``ranks`` lists the ranks whose loss was non-finite or, with finite losses
+    everywhere, whose gradients were (DDP averages the gradients, so a NaN spreads to all).
 
     A collective under several processes: every rank calls it at every optimizer step.
     """
     bad = [not loss_finite, not grads_finite]
     if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return loss_finite, grads_finite, [0] if any(bad) else []
+        return loss_finite, grads_finite, [trainer.global_rank] if any(bad) else []
     flags = torch.zeros((trainer.world_size, 2), dtype=torch.int32,
                         device=trainer.strategy.root_device)  # (ranks, [loss, gradients])
     flags[trainer.global_rank] = torch.tensor(bad, dtype=torch.int32)
     dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-    flags = flags.cpu()
-    ranks = [rank for rank in range(trainer.world_size) if bool(flags[rank].any())]
+    flags = flags.cpu().bool()
+    column = 0 if bool(flags[:, 0].any()) else 1
+    ranks = [rank for rank in range(trainer.world_size) if bool(flags[rank, column])]
     return not bool(flags[:, 0].any()), not bool(flags[:, 1].any()), ranks
 
 
