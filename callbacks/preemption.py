@@ -23,7 +23,8 @@ handler. From the sanity check on, this handler takes both signals over for the 
 (Lightning puts the previous handlers back when fit ends), carries over a SIGTERM Lightning
 caught before, raises Lightning's own ``SIGTERMException`` type (so callbacks written for
 Lightning's stop see ours too) and, under SLURM with auto-requeue, requeues the job itself once
-the file is written.
+the file is written when the signal was SLURM's requeue signal (SIGUSR1 unless configured
+otherwise; a SIGTERM may be ``scancel``, so it never requeues, as in Lightning).
 
 Several processes: a signal may reach one rank only. The ranks agree at every check point (an
 all-reduce of the signal number), so all stop after the same step; rank 0 writes the file and
@@ -178,7 +179,7 @@ class PreemptionHandler(Callback):
         name = _signal_name(signum)
         trainer.strategy.barrier("preempted")  # nobody exits while rank 0 still writes
         if trainer.is_global_zero:
-            _requeue_slurm_job(trainer)
+            _requeue_slurm_job(trainer, signum)
         rank_zero_info(f"Preempted by {name} at epoch {trainer.current_epoch}, step "
                        f"{trainer.global_step}: "
                        + (f"saved {path}" if path else "the newest epoch file holds the state")
@@ -241,10 +242,11 @@ def _exit_code(trainer: L.Trainer) -> int:
     return 0 if launched_by_lightning else PREEMPTED_EXIT_CODE
 
 
-def _requeue_slurm_job(trainer: L.Trainer) -> None:
+def _requeue_slurm_job(trainer: L.Trainer, signum: int) -> None:
     """``scontrol requeue`` the job, as Lightning's SLURM handler would, once the file is safe."""
     environment = _cluster_environment(trainer)
-    if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+    if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue \
+            or signum != environment.requeue_signal:
         return
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = (f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job

@@ -230,3 +230,23 @@ def test_last_orders_files_by_training_progress(tmp_path):
     assert classify("epoch_4_preempt.pth") == ("preempt", 4)
     assert progress_key("epoch_4_preempt.pth") < progress_key("epoch_4.pth") \
         < progress_key("epoch_5_preempt.pth")
+
+
+def test_slurms_requeue_signal_requeues_the_job_and_sigterm_does_not(monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    import callbacks.preemption as preemption
+
+    commands = []
+    monkeypatch.setattr(preemption.subprocess, "run",
+                        lambda command, **_: commands.append(command)
+                        or SimpleNamespace(returncode=0))
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    trainer = SimpleNamespace(_accelerator_connector=SimpleNamespace(
+        cluster_environment=SLURMEnvironment()))
+
+    preemption._requeue_slurm_job(trainer, signal.SIGTERM)  # may be scancel: never requeue
+    assert commands == []
+    preemption._requeue_slurm_job(trainer, signal.SIGUSR1)
+    assert commands == [["scontrol", "requeue", "1234"]]
