@@ -154,8 +154,9 @@ def prune_command(args, overrides) -> int:
         if not args.dry_run:
             path.unlink(missing_ok=True)
         print(f"{verb} {path}")
-    print(f"{verb} {len(doomed)} file(s); kept the {args.keep} newest epoch files. Best, error, "
-          f"NaN and backup files are never pruned.")
+    kept = "keeps" if args.dry_run else "kept"
+    print(f"{verb} {len(doomed)} file(s); {kept} the {args.keep} newest epoch files. Best, "
+          f"error, NaN and backup files are never pruned.")
     return EXIT_OK
 
 

@@ -145,7 +145,7 @@ def _check_positive(values: np.ndarray, path: Path, column: str, what: str) -> N
         rule = "negative" if what == "volume" else "zero or negative"
         raise DataFormatError(
             f"{path}: column '{column}' has a {rule} {what} at {_line(path, row)}: "
-            f"{values[row]!r}. Leave the cell empty for a missing bar, or fix the value."
+            f"{float(values[row])}. Leave the cell empty for a missing bar, or fix the value."
         )
 
 
@@ -261,7 +261,7 @@ def _read_wide_folder(folder: Path) -> MarketPanel:
             rule = "negative" if kind == "volume" else "zero or negative"
             raise DataFormatError(
                 f"{files[field]}: column '{nodes[col]}' has a {rule} {kind} on "
-                f"{dates[row].date()}: {matrix[row, col]!r}. Leave the cell empty for a "
+                f"{dates[row].date()}: {float(matrix[row, col])}. Leave the cell empty for a "
                 f"missing bar, or fix the value."
             )
     return MarketPanel(dates, nodes, fields, str(folder))

@@ -74,7 +74,8 @@ def test_non_positive_price_names_row(tmp_path, value):
     table = _long_table()
     table.loc[4, "close"] = value
     table.to_csv(tmp_path / "bars.csv", index=False)
-    with pytest.raises(DataFormatError, match=r"column 'close'.*zero or negative price.*row 4"):
+    with pytest.raises(DataFormatError,
+                       match=rf"column 'close'.*zero or negative price.*row 4.*: {value}\. "):
         load_panel(tmp_path / "bars.csv")
 
 
@@ -82,7 +83,7 @@ def test_non_positive_price_in_wide_file_names_node_and_date(tiny_market):
     close = pd.read_csv(tiny_market / "close.csv", index_col="date")
     close.iloc[7, 2] = -1.0
     close.to_csv(tiny_market / "close.csv")
-    with pytest.raises(DataFormatError, match=rf"close\.csv.*'N02'.*{close.index[7]}"):
+    with pytest.raises(DataFormatError, match=rf"close\.csv.*'N02'.*{close.index[7]}: -1\.0\. "):
         load_panel(tiny_market)
 
 
