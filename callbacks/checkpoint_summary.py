@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 # Names other than ours that still look like checkpoints, so that verify and list report them.
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
 MODEL_KEYS = ("model_state_dict", "state_dict")
-KINDS_WITH_MODEL = ("epoch", "best", "backup")
+KINDS_WITH_MODEL = ("epoch", "best", "backup", "preempt")
 METRIC_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_IC",
                "val_RankIC", "best_val_acc", "gate_mean", "gate_std")
 # Top-level keys whose dict or text value is error or warning information.
-_INFO_KEY = re.compile(r"error|warning|exception|nan_info|alert", re.IGNORECASE)
+_INFO_KEY = re.compile(r"error|warning|exception|nan_info|preempt_info|alert", re.IGNORECASE)
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 # torch.save writes a zip archive; files of the legacy format start with a pickle protocol byte.
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -47,8 +47,8 @@ class CheckpointSummary:
 
     Attributes:
         path: the file.
-        kind: ``epoch``, ``best``, ``error``, ``val_error``, ``nan``, ``backup`` or None for a
-            name that is not one of ours.
+        kind: ``epoch``, ``best``, ``error``, ``val_error``, ``nan``, ``backup``, ``preempt`` or
+            None for a name that is not one of ours.
         epoch: the ``epoch`` key (0-based), else the epoch in the file name, else None.
         size: bytes on disk.
         problem: why the file is damaged; None when it is ok.

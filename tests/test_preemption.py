@@ -85,6 +85,7 @@ def preempted(market, tmp_path_factory):
     listing = io.StringIO()
     with contextlib.redirect_stdout(listing):
         ckpt.main(["list", str(folder)])
+        ckpt.main(["show", str(folder / "epoch_1_preempt.pth")])
     stopped = SimpleNamespace(exit_code=exit_code, files=names(folder), listing=listing.getvalue(),
                               checkpoint=load(folder / "epoch_1_preempt.pth"),
                               handler_after=signal.getsignal(signal.SIGTERM))
@@ -118,10 +119,11 @@ def test_the_preemption_file_holds_the_sampler_position_and_the_last_complete_ep
     assert preempted.stopped.checkpoint["train_history"]["epoch"] == [0]
 
 
-def test_ckpt_list_shows_the_preemption_file(preempted):
-    row = next(line for line in preempted.stopped.listing.splitlines()
-               if line.startswith("epoch_1_preempt.pth"))
-    assert "preempt" in row.split()[1]
+def test_ckpt_list_and_show_know_the_preemption_file(preempted):
+    lines = preempted.stopped.listing.splitlines()
+    row = next(line for line in lines if line.startswith("epoch_1_preempt.pth"))
+    assert row.split()[1:3] == ["preempt", "1"] and "damaged" not in row
+    assert "preempt_info:" in lines and "  signal: SIGTERM" in lines, lines
 
 
 def test_lightning_gets_its_signal_handlers_back_after_fit(preempted):
