@@ -17,16 +17,26 @@ one process per device with the same command.
 """
 
 import logging
+import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.checkpoint import CheckpointManager
+from callbacks.checkpoint import CheckpointManager, ForeignCheckpointError
 from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+from callbacks.preflight import PreflightError
 from callbacks.resume import check_resume_compatible, resolve_ckpt_path
 from callbacks.training_config import TrainingConfig, build_callbacks
+from datamodules.loading import DataFormatError
 from datamodules.market_datamodule import MarketDataModule
 from lit_models.lit_gated_gnn import GatedGNNModule
+
+log = logging.getLogger("train")
+
+# Errors that explain themselves: the command prints the message, not a traceback.
+USER_ERRORS = (DataFormatError, ForeignCheckpointError, PreflightError)
+USER_ERROR_EXIT_CODE = 2
 
 
 class GatedGNNCLI(LightningCLI):
@@ -89,7 +99,8 @@ class GatedGNNCLI(LightningCLI):
         checkpoint, self._resume_checkpoint = getattr(self, "_resume_checkpoint", None), None
         if checkpoint is not None:
             path = self.config_init[self.subcommand]["ckpt_path"]
-            check_resume_compatible(checkpoint, path, self.model, self.datamodule)
+            check_resume_compatible(checkpoint, path, self.model, self.datamodule,
+                                    self.trainer.max_epochs)
 
 
 def main(args=None) -> GatedGNNCLI:
@@ -100,6 +111,10 @@ def main(args=None) -> GatedGNNCLI:
             :class:`~callbacks.preemption.Preempted`).
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our sampler records its position in every checkpoint and restores it, so a mid-epoch
+    # resume is exact; Lightning cannot see that and would warn otherwise.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended "
+                            "before the epoch ended")
     try:
         return GatedGNNCLI(
             GatedGNNModule,
@@ -116,4 +131,8 @@ def main(args=None) -> GatedGNNCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except USER_ERRORS as error:
+        log.error("%s: %s", type(error).__name__, error)
+        sys.exit(USER_ERROR_EXIT_CODE)

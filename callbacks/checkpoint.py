@@ -338,10 +338,12 @@ class CheckpointManager(Checkpoint):
         self._pending_plateau = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        optimizers = trainer.optimizers
-        self._epoch_lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
+        self._epoch_lr = _current_lr(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # A run resumed inside an epoch enters it without on_train_epoch_start.
+        if math.isnan(self._epoch_lr):
+            self._epoch_lr = _current_lr(trainer)
         self._batch_index["train"] = batch_idx
         if self._pending_rng is not None:
             # Between an epoch's end and the next batch, a resumed run draws other numbers
@@ -791,3 +793,9 @@ def _free_space(folder: Path) -> str:
             return f"{free:.1f} {unit}"
         free /= 1024
     return f"{free:.1f} TB"
+
+
+def _current_lr(trainer: L.Trainer) -> float:
+    """Learning rate of the first optimizer's first group, NaN before optimizers exist."""
+    optimizers = trainer.optimizers
+    return float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan

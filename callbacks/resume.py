@@ -3,8 +3,8 @@
 ``--ckpt_path last`` means the newest file of ``training.save_dir`` that loads and holds a state
 to resume, newest by training progress: ``epoch_{n}.pth``; ``epoch_{n}_preempt.pth`` (newer than
 ``epoch_{n-1}.pth``, older than ``epoch_{n}.pth``); and ``best_model.pth`` when its epoch is later
-than that of every epoch and preemption file there (it is written just before the epoch file of
-its epoch, so a kill between the two leaves it the newest state). A damaged newer file is
+than that of every epoch and preemption file there (it is written just before the epoch file
+of its epoch, so a kill between the two leaves it the newest state). A damaged newer file is
 skipped with a warning naming it. ``--ckpt_path best`` means ``best_model.pth``.
 
 Before Lightning restores anything, :func:`check_resume_compatible` fails fast on a model whose
@@ -122,7 +122,7 @@ def resolve_ckpt_path(ckpt_path, save_dir) -> tuple:
 
 
 def check_resume_compatible(checkpoint: dict, path, model: torch.nn.Module,
-                            datamodule=None) -> list:
+                            datamodule=None, max_epochs=None) -> list:
     """Compare a checkpoint with the model and data module about to be restored.
 
     Args:
@@ -130,6 +130,8 @@ def check_resume_compatible(checkpoint: dict, path, model: torch.nn.Module,
         path: its file, for the messages.
         model: the LightningModule (its ``state_dict`` and ``hparams``).
         datamodule: the LightningDataModule, or None.
+        max_epochs: the Trainer's ``max_epochs`` now, compared with the schedule in the
+            checkpoint, or None.
 
     Returns:
         The hyperparameter differences (already warned about, in one warning).
@@ -147,6 +149,7 @@ def check_resume_compatible(checkpoint: dict, path, model: torch.nn.Module,
         differences += hyperparameter_differences(
             checkpoint.get("datamodule_hyper_parameters"), getattr(datamodule, "hparams", None),
             "data")
+    differences += schedule_differences(checkpoint, max_epochs)
     mismatches = shape_differences(checkpoint["state_dict"], model.state_dict())
     if mismatches:
         settings = f" Settings that differ: {'; '.join(differences)}." if differences else ""
@@ -159,6 +162,16 @@ def check_resume_compatible(checkpoint: dict, path, model: torch.nn.Module,
                        "(optimizer and scheduler state, learning rate included, come from the "
                        f"checkpoint): {'; '.join(differences)}.")
     return differences
+
+
+def schedule_differences(checkpoint: dict, max_epochs) -> list:
+    """A cosine schedule planned for another ``max_epochs`` keeps its plan after a resume."""
+    schedulers = checkpoint.get("lr_schedulers") or []
+    planned = schedulers[0].get("T_max") if schedulers and isinstance(schedulers[0], dict) else None
+    if max_epochs in (None, -1) or planned is None or planned == max_epochs:
+        return []
+    return [f"trainer.max_epochs {planned} -> {max_epochs} (the cosine learning-rate schedule "
+            f"keeps T_max={planned} from the checkpoint)"]
 
 
 def shape_differences(saved: dict, current: dict) -> list:

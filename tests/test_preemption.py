@@ -146,6 +146,8 @@ def test_the_resumed_run_ends_with_the_uninterrupted_weights_and_optimizer(preem
     assert resumed["scheduler_state_dict"] == expected["scheduler_state_dict"]
     assert resumed["global_step"] == expected["global_step"] == EPOCHS * STEPS_PER_EPOCH
     assert resumed["val_history"] == expected["val_history"]
+    # The interrupted epoch's learning rate is recorded although it resumed mid-epoch.
+    assert resumed["train_history"]["lr"] == expected["train_history"]["lr"]
 
 
 @pytest.mark.xfail(strict=True, reason=(
