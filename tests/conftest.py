@@ -42,6 +42,17 @@ def tiny_market(tmp_path) -> Path:
     return write_tiny_market(tmp_path / "market")
 
 
+def load(path) -> dict:
+    """A checkpoint file, loaded the safe way every file we write must allow."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def names(folder) -> list:
+    """Sorted file names of ``folder`` (empty when it does not exist)."""
+    folder = Path(folder)
+    return sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+
+
 def fit_args(data_path, run_dir, max_epochs: int = 2, extra=()) -> list:
     """Command-line arguments of a fit that takes seconds on one CPU core."""
     run_dir = Path(run_dir)

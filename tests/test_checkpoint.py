@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import fit_args, write_tiny_market
+from conftest import fit_args, load, names, write_tiny_market
 
 from callbacks.checkpoint import ForeignCheckpointError
 from lit_models.gated_gnn import GatedGraphNet
@@ -22,13 +22,6 @@ TRAIN_HISTORY_KEYS = {"epoch", "loss", "accuracy", "lr", "gate_mean", "gate_std"
 VAL_HISTORY_KEYS = {"epoch", "loss", "accuracy", "IC", "RankIC", "ICIR", "RankICIR",
                     "gate_mean", "gate_std", "favor_time_ratio"}
 
-
-def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def names(folder) -> list:
-    return sorted(path.name for path in folder.iterdir())
 
 
 def fit(market, run_dir, max_epochs, *extra):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_args
+from conftest import fit_args, load, names
 
 from callbacks.checkpoint import CheckpointManager
 from callbacks.checkpoint_io import TEMPORARY_SUFFIX
@@ -27,13 +27,6 @@ QUIET = ["--training.report=false", "--training.preflight=false"]
 STEPS_PER_EPOCH = 18  # 144 training days of the tiny market, 8 days per batch
 TESTS = Path(__file__).resolve().parent
 
-
-def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def names(folder) -> list:
-    return sorted(path.name for path in folder.iterdir())
 
 
 def fit(market, run_dir, max_epochs, *extra):
@@ -159,7 +152,7 @@ CHILD_PRELUDE = f"""
 import sys
 sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]
 import torch
-from conftest import fit_args
+from conftest import fit_args, load, names
 from train import main
 torch.set_num_threads(1)
 """

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import fit_args, write_tiny_market
+from conftest import fit_args, load, names, write_tiny_market
 from fault_injection import REPO, TESTS, ddp_env, fork_server
 
 from callbacks.checkpoint_files import classify
@@ -28,13 +28,6 @@ VAL_DAYS = 29  # odd: the distributed sampler repeats one day to even the ranks 
 NAN_AT = {"rank": 1, "epoch": 0, "batch": 2}
 TIMEOUT = 120
 
-
-def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def names(folder) -> list:
-    return sorted(path.name for path in folder.iterdir())
 
 
 def same_weights(left: dict, right: dict) -> bool:

@@ -16,7 +16,7 @@ import random
 import pandas
 import pytest
 import torch
-from conftest import fit_args, write_tiny_market
+from conftest import fit_args, load, names, write_tiny_market
 from fault_injection import fork_server
 
 from callbacks.checkpoint_files import classify
@@ -44,14 +44,6 @@ EVENTS = {
     "replaced": (2, (1, 4)),
     "unlink": (2, (1, 2)),
 }
-
-
-def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def names(folder) -> list:
-    return sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
 
 
 @pytest.fixture(scope="module")

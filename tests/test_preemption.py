@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import fit_args, write_tiny_market
+from conftest import fit_args, load, names, write_tiny_market
 
 import callbacks.checkpoint as checkpoint_module
 import ckpt
@@ -26,13 +26,6 @@ EPOCHS = 3
 STEPS_PER_EPOCH = 18
 SIGNAL_AT = (1, 5)  # (epoch, batch): the signal arrives while this batch trains
 
-
-def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def names(folder) -> list:
-    return sorted(path.name for path in folder.iterdir())
 
 
 @contextlib.contextmanager
