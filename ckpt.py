@@ -78,10 +78,10 @@ def list_command(args, overrides) -> int:
             BEST_MARK if is_best else "", format_size(summary.size), summary.status,
         ))
     print("\n".join(_table(LIST_COLUMNS, rows)))
-    for summary in summaries:
-        if not summary.ok:
-            print(f"damaged: {summary.path.name}: {summary.problem}")
-    return EXIT_OK
+    damaged = [summary for summary in summaries if not summary.ok]
+    for summary in damaged:
+        print(f"damaged: {summary.path.name}: {summary.problem}")
+    return EXIT_FAILED if damaged else EXIT_OK
 
 
 def show_command(args, overrides) -> int:
@@ -148,7 +148,17 @@ def prune_command(args, overrides) -> int:
     folder = _folder(args.dir)
     if args.keep < 1:
         raise _UsageError(f"--keep must be >= 1, got {args.keep}")
-    doomed = files_to_prune(sorted(folder.iterdir()), args.keep)
+    # Only regular files that load count as kept: a damaged newest file (or a folder or link
+    # under an epoch name) must never push the good checkpoints out. Those are left alone.
+    candidates, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if classify(path)[0] != "epoch":
+            continue
+        loads = path.is_file() and not path.is_symlink() and summarize(path).ok
+        (candidates if loads else skipped).append(path)
+    for path in skipped:
+        print(f"Left alone (not a loadable checkpoint): {path}")
+    doomed = files_to_prune(candidates, args.keep)
     verb = "Would delete" if args.dry_run else "Deleted"
     for path in doomed:
         if not args.dry_run:

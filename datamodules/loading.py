@@ -302,12 +302,14 @@ def load_groups(path, nodes: list, node_column=None, group_column=None) -> np.nd
     """
     path = Path(path)
     table = pd.read_csv(path, keep_default_na=False, dtype=str)
-    node_column = node_column or _first_present(table, ("node", "ticker", "symbol"))
-    group_column = group_column or _first_present(table, ("group", "sector", "industry"))
+    tried = {"node": ("node", "ticker", "symbol"), "group": ("group", "sector", "industry")}
+    node_column = node_column or _first_present(table, tried["node"])
+    group_column = group_column or _first_present(table, tried["group"])
     for role, column in (("node", node_column), ("group", group_column)):
         if column is None or column not in table.columns:
+            looked_for = repr(column) if column is not None else " or ".join(tried[role])
             raise DataFormatError(
-                f"{path}: no {role} column {column!r} (found: {list(table.columns)}). Set "
+                f"{path}: no {role} column {looked_for} (found: {list(table.columns)}). Set "
                 f"data.group_{role}_column to the right name."
             )
 

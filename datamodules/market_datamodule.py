@@ -106,12 +106,18 @@ class MarketDataModule(L.LightningDataModule):
         _check_choice("sampler", sampler, SAMPLERS)
         _check_choice("predict_split", predict_split, PREDICT_SPLITS)
         if not window_sizes or min(window_sizes) < 2:
-            raise ValueError(f"window_sizes must be a list of lengths >= 2, got {window_sizes}.")
+            raise ValueError(
+                f"data.window_sizes must be a list of lengths >= 2, got {window_sizes}.")
         if len(split_fractions) != 3 or min(split_fractions) <= 0:
             raise ValueError(
-                f"split_fractions must be three positive shares, got {split_fractions}.")
-        if num_center_nodes < 1 or batch_size < 1 or samples_per_day < 1:
-            raise ValueError("num_center_nodes, batch_size and samples_per_day must be >= 1.")
+                f"data.split_fractions must be three positive shares, got {split_fractions}.")
+        for name, value in (("num_center_nodes", num_center_nodes), ("batch_size", batch_size),
+                            ("pooled_batch_size", pooled_batch_size),
+                            ("samples_per_day", samples_per_day), ("horizon", horizon)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}.")
+        if num_classes < 2:
+            raise ValueError(f"data.num_classes must be >= 2, got {num_classes}.")
         self.save_hyperparameters()
         self.market: Optional[PreparedMarket] = None
         self.panel: Optional[MarketPanel] = None

@@ -147,7 +147,7 @@ def test_list_marks_damaged_and_foreign_files_without_running_them(broken_run, c
 
     status, out, _ = run(capsys, "list", folder)
 
-    assert status == 0
+    assert status == 1  # the README's exit status: 1 when any file is damaged
     rows = rows_by_file(out)
     for name in bad:
         assert rows[name].endswith("damaged"), name
@@ -278,6 +278,23 @@ def test_prune_keeps_the_five_newest_and_every_other_kind(fake_run, capsys):
     assert {"best_model.pth", "epoch_3_error.pth", "epoch_6_nan.pth", "backup_old.pth",
             "epoch_3.pth", "epoch_7.pth"} <= after
     assert "Deleted 3 file(s)" in out
+
+
+def test_prune_never_lets_damaged_files_or_folders_push_good_checkpoints_out(fake_run, capsys):
+    (fake_run / "epoch_9.pth").write_bytes(b"half a checkpoint")  # newest by number, damaged
+    (fake_run / "epoch_8.pth").mkdir()  # not even a file
+    (fake_run / "notes.txt").write_text("not mine")
+    (fake_run / "epoch_10.pth").symlink_to(fake_run / "notes.txt")
+
+    status, out, _ = run(capsys, "prune", fake_run, "--keep", "2")
+
+    assert status == 0
+    after = {path.name for path in fake_run.iterdir()}
+    # The two newest loadable epoch files stay; the damaged ones are left alone, not counted.
+    assert {"epoch_6.pth", "epoch_7.pth", "epoch_8.pth", "epoch_9.pth", "epoch_10.pth",
+            "notes.txt"} <= after
+    assert not {"epoch_0.pth", "epoch_5.pth"} & after
+    assert "Left alone (not a loadable checkpoint)" in out and "Deleted 6 file(s)" in out
 
 
 def test_prune_dry_run_deletes_nothing(fake_run, capsys):

@@ -134,3 +134,21 @@ def test_non_finite_bars_are_masked_and_counted_in_one_line(tmp_path, caplog):
 def test_missing_path_says_what_to_pass(tmp_path):
     with pytest.raises(DataFormatError, match="does not exist"):
         load_panel(tmp_path / "nowhere")
+
+
+def test_group_map_without_known_columns_lists_the_names_tried(tiny_market):
+    panel = load_panel(tiny_market)
+    pd.DataFrame({"name": panel.nodes, "bucket": "x"}).to_csv(tiny_market / "map.csv",
+                                                             index=False)
+    with pytest.raises(DataFormatError, match=r"no node column node or ticker or symbol"):
+        load_groups(tiny_market / "map.csv", panel.nodes)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"batch_size": -3}, r"data\.batch_size must be >= 1, got -3"),
+    ({"num_classes": 1}, r"data\.num_classes must be >= 2, got 1"),
+    ({"sampler": "bogus"}, r"data\.sampler must be one of .*'bogus'"),
+])
+def test_bad_settings_name_the_key_and_the_value(setting, message):
+    with pytest.raises(ValueError, match=message):
+        MarketDataModule(**setting)
