@@ -115,6 +115,10 @@ def main(argv=None) -> None:
     set_threads(args.threads)
     quiet_logs()
 
+    for dataset in args.datasets:  # fail before any fit when a data folder is missing
+        if DATASETS[dataset] is not None:
+            data_folder(Path(args.data) / DATASETS[dataset])
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="checkpoint_cost_") as scratch:
         workdir = Path(args.workdir or scratch)
