@@ -28,13 +28,21 @@ class PredictionFileWriter(BasePredictionWriter):
             return
         table = predictions_table(predictions, trainer.datamodule.dates,
                                   trainer.datamodule.nodes)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.suffix == ".parquet":
-            table.to_parquet(self.path, index=False)
+        path = self._path_for_rank(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            table.to_parquet(path, index=False)
         else:
-            table.to_csv(self.path, index=False)
-        log.info("Wrote %d predictions (%d days) to %s", len(table), table["date"].nunique(),
-                 self.path)
+            table.to_csv(path, index=False)
+        log.info("Wrote %d predictions (%d days) to %s", len(table), table["date"].nunique(), path)
+
+    def _path_for_rank(self, trainer) -> Path:
+        """The configured path; with several processes, one file per rank beside it."""
+        if trainer.world_size == 1:
+            return self.path
+        # TODO(one predictions file under DDP): gather every rank's rows to rank 0 and write
+        # one table; until then each rank writes its share, so no row is lost or overwritten.
+        return self.path.with_name(f"{self.path.stem}.rank{trainer.global_rank}{self.path.suffix}")
 
 
 def predictions_table(predictions: list, dates, nodes) -> pd.DataFrame:

@@ -139,8 +139,10 @@ class GatedGNNModule(L.LightningModule):
             self.accuracy[f"{stage}_accuracy"].update(output.logits[labelled].detach(),
                                                       graph.label[labelled])
         batch_size = max(num_labelled, 1)
+        # sync_dist: every process must see the same epoch loss (the plateau scheduler and
+        # the best-model choice read it); a no-op in one process.
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=batch_size)
+                 batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}_accuracy", self.accuracy[f"{stage}_accuracy"], on_step=False,
                  on_epoch=True, prog_bar=True, batch_size=batch_size)
 
