@@ -531,6 +531,8 @@ class CheckpointManager(Checkpoint):
         """Lightning's full checkpoint plus the user's top-level keys (aliases, not copies)."""
         self._snapshot = snapshot
         try:
+            # Lightning's "model only" switch, off: optimizer, schedulers, loops and callback
+            # state go in too. (Not torch.load's flag: every file still loads weights_only=True.)
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         finally:
             self._snapshot = None
