@@ -86,13 +86,20 @@ def load_panel(path) -> MarketPanel:
 
 def _read_table(path: Path) -> pd.DataFrame:
     name = path.name.lower()
-    if name.endswith(".parquet"):
-        return pd.read_parquet(path)
-    if name.endswith(".csv") or name.endswith(".csv.gz"):
-        return pd.read_csv(path)
-    raise DataFormatError(
-        f"File '{path}' has an unknown type; use one of {', '.join(TABLE_SUFFIXES)}."
-    )
+    if not (name.endswith(".parquet") or name.endswith(".csv") or name.endswith(".csv.gz")):
+        raise DataFormatError(
+            f"File '{path}' has an unknown type; use one of {', '.join(TABLE_SUFFIXES)}."
+        )
+    try:
+        return pd.read_parquet(path) if name.endswith(".parquet") else pd.read_csv(path)
+    except (EOFError, OSError, ValueError) as error:
+        # Truncated archives (EOFError, zlib's error), empty files (EmptyDataError, a
+        # ValueError) and broken Parquet (OSError, ArrowInvalid) say nothing of the file.
+        raise DataFormatError(
+            f"{path} cannot be read ({type(error).__name__}: {error}). The file looks empty, "
+            f"truncated or not a {'Parquet' if name.endswith('.parquet') else 'CSV'} file; "
+            f"write it again."
+        ) from error
 
 
 def _line(path: Path, row: int) -> str:
