@@ -20,7 +20,6 @@ def test_daily_ic_matches_pandas_group_by_day():
     assert differences["daily_ic"] < 1e-9
     assert differences["daily_rank_ic"] < 1e-9
     assert differences["summary"] < 1e-9
-    assert differences["sketch"] < 1e-9
 
 
 def test_sector_edges_link_each_group_completely():

@@ -3,7 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import spearmanr
 
+from lit_models import metrics
 from lit_models.metrics import daily_ic
 
 
@@ -23,10 +25,11 @@ def _check_against_pandas(days, scores, returns):
     result = daily_ic(days, scores, returns)
     ic, rank_ic = _pandas_reference(days, scores, returns)
     assert result.days_used == len(ic) == len(rank_ic)
-    assert result.ic == pytest.approx(ic.mean(), abs=1e-12)
-    assert result.rank_ic == pytest.approx(rank_ic.mean(), abs=1e-12)
-    assert result.icir == pytest.approx(ic.mean() / ic.std(ddof=1), abs=1e-10)
-    assert result.rank_icir == pytest.approx(rank_ic.mean() / rank_ic.std(ddof=1), abs=1e-10)
+    assert result.ic == pytest.approx(ic.mean(), abs=1e-12, nan_ok=True)
+    assert result.rank_ic == pytest.approx(rank_ic.mean(), abs=1e-12, nan_ok=True)
+    assert result.icir == pytest.approx(ic.mean() / ic.std(ddof=1), abs=1e-10, nan_ok=True)
+    assert result.rank_icir == pytest.approx(rank_ic.mean() / rank_ic.std(ddof=1), abs=1e-10,
+                                              nan_ok=True)
     return result
 
 
@@ -88,3 +91,58 @@ def test_days_weigh_equally_whatever_their_size():
 def test_mismatched_lengths_name_the_lengths():
     with pytest.raises(ValueError, match="got lengths 3, 2 and 3"):
         daily_ic([0, 0, 0], [1, 2], [1, 2, 3])
+
+
+def test_days_split_over_many_blocks(monkeypatch):
+    monkeypatch.setattr(metrics, "BLOCK_ENTRIES", 64)  # three 20-node days per block
+    rng = np.random.default_rng(4)
+    days = np.repeat(np.arange(25), 20)
+    returns = rng.normal(size=len(days))
+    scores = np.round(0.5 * returns + rng.normal(size=len(days)), 1)  # ties
+    returns[rng.random(len(days)) < 0.05] = np.nan
+    _check_against_pandas(days, scores, returns)
+
+
+def test_unsorted_days_wide_days_and_text_day_ids():
+    rng = np.random.default_rng(5)
+    days = np.repeat(np.array(["2024-01-02", "2024-01-03", "2024-01-04"]), 1500)
+    scores, returns = rng.normal(size=(2, len(days)))
+    shuffle = rng.permutation(len(days))
+    result = _check_against_pandas(days[shuffle], scores[shuffle], returns[shuffle])
+    assert list(result.day_ids) == ["2024-01-02", "2024-01-03", "2024-01-04"]
+
+
+def test_values_a_rounding_error_apart_are_not_tied():
+    # 1.0 and the next float up differ only in bits that the packed sort key drops.
+    tiny_steps = np.nextafter(1.0, 2.0) - 1.0
+    scores = np.array([1.0, 1.0 + tiny_steps, 1.0 + 2 * tiny_steps, 0.5, 2.0, 1.0])
+    returns = np.array([1.0, 2.0, 3.0, 0.0, 4.0, 1.5])
+    result = _check_against_pandas(np.zeros(6), scores, returns)
+    expected = spearmanr(scores, returns).statistic
+    assert result.rank_ic == pytest.approx(expected, abs=1e-12)
+    assert result.rank_ic != pytest.approx(daily_ic(np.zeros(6), np.round(scores, 6),
+                                                    returns).rank_ic, abs=1e-3)
+
+
+def test_negative_zero_ties_with_zero():
+    scores = np.array([-0.0, 0.0, 1.0, 2.0, -1.0])
+    returns = np.array([1.0, 2.0, 3.0, 4.0, 0.0])
+    result = daily_ic(np.zeros(5), scores, returns)
+    assert result.rank_ic == pytest.approx(spearmanr(scores, returns).statistic, abs=1e-12)
+
+
+def test_no_entries_gives_no_days():
+    result = daily_ic([], [], [])
+    assert result.days_used == 0 and result.days_skipped == 0
+    assert np.isnan(result.ic) and np.isnan(result.rank_icir)
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3, 4, 1024, 1025])
+def test_day_widths_around_the_packed_key_boundaries(nodes):
+    rng = np.random.default_rng(nodes)
+    days = np.repeat(np.arange(4), nodes)
+    scores = rng.integers(-3, 4, size=len(days)) * rng.choice([1.0, -0.0, np.nan], len(days),
+                                                                p=[0.8, 0.1, 0.1])
+    returns = rng.normal(size=len(days))
+    result = _check_against_pandas(days, scores, returns)
+    assert result.days_used + result.days_skipped == 4
