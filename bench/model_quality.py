@@ -71,6 +71,8 @@ def schedule_arguments(args) -> list:
         "--training.monitor=val_RankIC",
         "--training.mode=max",
         "--training.report=false",
+        f"--data.sampler={args.sampler}",
+        f"--data.num_center_nodes={args.centers}",
     ]
 
 
@@ -158,7 +160,9 @@ def schedules(results: dict) -> str:
                 continue
             settings = run["settings"]
             seen.add(f"{settings['epochs']} epochs x {settings['train_batches']} batches of "
-                     f"{settings.get('batch_size', '?')} days, val share "
+                     f"{settings.get('batch_size', '?')} days, "
+                     f"{settings.get('sampler', 'degree')} sampler with "
+                     f"{settings.get('centers', 8)} centers, val share "
                      f"{settings['val_batches']}, lr {settings['learning_rate']}, commit "
                      f"{settings.get('commit', 'not recorded')}")
     return "; ".join(sorted(seen)) or "none"
@@ -196,6 +200,12 @@ def main(argv=None) -> None:
     parser.add_argument("--val_batches", type=float, default=0.5,
                         help="validation batches per epoch (a fraction: share of the days)")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--sampler", default="degree", choices=["degree", "uniform", "sequential"],
+                        help="training center sampler (data.sampler)")
+    parser.add_argument("--centers", type=int, default=8,
+                        help="centers per training sample (data.num_center_nodes); with "
+                             "--sampler sequential and more centers than nodes, every training "
+                             "sample is a whole day, for every variant alike")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="JSON file of results")
     parser.add_argument("--print_only", action="store_true", help="print the stored table")
@@ -207,6 +217,7 @@ def main(argv=None) -> None:
     settings = {"epochs": args.epochs, "train_batches": args.train_batches,
                 "val_batches": args.val_batches, "learning_rate": args.learning_rate,
                 "threads": args.threads, "commit": commit(),
+                "sampler": args.sampler, "centers": args.centers,
                 "batch_size": default_batch_size()}
 
     with tempfile.TemporaryDirectory(prefix="model_quality_") as scratch:
