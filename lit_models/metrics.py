@@ -12,10 +12,13 @@ column in one 64-bit word), so that the sort that any exact RankIC needs is most
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+import torch
 from scipy.stats import rankdata
 
 MIN_PAIRS = 3
 BLOCK_ENTRIES = 1 << 15  # node-days per block: its temporaries stay in cache and are reused
+SAFE_MAGNITUDE = 2.0 ** 400  # rows with a larger (or 1 / smaller) top |value| are rescaled
 
 
 @dataclass
@@ -45,14 +48,28 @@ class DailyIC:
     day_ids: np.ndarray
 
 
+def _as_array(values, dtype=None) -> np.ndarray:
+    """A flat NumPy array of ``values``; torch tensors of any dtype or device are accepted."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = values.double() if values.is_floating_point() else values
+        values = values.numpy()
+    return np.asarray(values, dtype=dtype).reshape(-1)
+
+
 def _validate(days, scores, returns):
-    days = np.asarray(days).reshape(-1)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    returns = np.asarray(returns, dtype=np.float64).reshape(-1)
+    days, scores, returns = _as_array(days), _as_array(scores, np.float64), \
+        _as_array(returns, np.float64)
     if not len(days) == len(scores) == len(returns):
         raise ValueError(
             f"days, scores and returns must have one entry per node-day; got lengths "
             f"{len(days)}, {len(scores)} and {len(returns)}.")
+    if days.dtype.kind in "fcmMO":  # the kinds that can hold NaN, NaT or None
+        missing = np.flatnonzero(pd.isna(days))
+        if len(missing):
+            raise ValueError(
+                f"days has {len(missing)} missing value(s) (NaN, NaT or None), the first at "
+                f"index {missing[0]}; give every entry the day it belongs to, or drop it.")
     return days, scores, returns
 
 
@@ -105,6 +122,7 @@ def _block_correlations(scores: np.ndarray, returns: np.ndarray):
     rank_ic = _row_pearson(ranks)
 
     centered = np.where(present, pair, 0.0)  # (2, days, nodes)
+    _rescale_extreme_rows(centered)
     with np.errstate(invalid="ignore", divide="ignore"):
         centered -= (np.einsum("sdn->sd", centered) / counts)[..., None]
     centered *= present
@@ -119,6 +137,22 @@ def _block_correlations(scores: np.ndarray, returns: np.ndarray):
     return ic, rank_ic
 
 
+def _rescale_extreme_rows(values: np.ndarray) -> None:
+    """Scale rows whose largest |value| is beyond 2**±400 by a power of two, in place.
+
+    Squares and sums of such rows would overflow or sink into subnormal numbers; a power of
+    two changes no correlation and is exact, subnormal inputs included.
+
+    Args:
+        values: both sides of a block, 0 where absent.  # (2, days, nodes)
+    """
+    largest = np.maximum(values.max(axis=2), -values.min(axis=2))  # (2, days)
+    extreme = (largest > SAFE_MAGNITUDE) | ((largest < 1.0 / SAFE_MAGNITUDE) & (largest > 0))
+    if extreme.any():
+        _, exponent = np.frexp(largest[extreme])
+        values[extreme] = np.ldexp(values[extreme], -exponent[:, None])
+
+
 def _row_pearson(centered: np.ndarray) -> np.ndarray:
     """Pearson correlation per day of the two centered sides (0 where absent).
 
@@ -128,7 +162,7 @@ def _row_pearson(centered: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         covariance = np.einsum("dn,dn->d", centered[0], centered[1])
         square = np.einsum("sdn,sdn->sd", centered, centered)  # (2, days)
-        return np.clip(covariance / np.sqrt(square[0] * square[1]), -1.0, 1.0)
+        return np.clip(covariance / (np.sqrt(square[0]) * np.sqrt(square[1])), -1.0, 1.0)
 
 
 def _ordered_keys(values: np.ndarray) -> np.ndarray:
@@ -260,9 +294,14 @@ def daily_ic(days, scores, returns) -> DailyIC:
     for RankIC.
 
     Args:
-        days: day identifier of each entry.  # (entries,)
-        scores: model score of each entry.  # (entries,)
-        returns: realised return of each entry.  # (entries,)
+        days: day identifier of each entry (numbers, dates or text; none missing).  # (entries,)
+        scores: model score of each entry, compared as float64.  # (entries,)
+        returns: realised return of each entry, compared as float64.  # (entries,)
+
+    Arrays, lists and torch tensors are accepted; entries need not be sorted by day.
+
+    Raises:
+        ValueError: lengths differ, or a day is missing (NaN, NaT or None).
 
     Example:
         >>> result = daily_ic([0, 0, 0, 0, 0], [1, 1, 1, 1, 2], [5, 4, 3, 2, 1])

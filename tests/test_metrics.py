@@ -1,8 +1,12 @@
 """Daily IC and RankIC against a pandas group-by-day reference (the way qlib computes them)."""
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from lit_models import metrics
@@ -146,3 +150,52 @@ def test_day_widths_around_the_packed_key_boundaries(nodes):
     returns = rng.normal(size=len(days))
     result = _check_against_pandas(days, scores, returns)
     assert result.days_used + result.days_skipped == 4
+
+
+def _exact_pearson(scores, returns) -> float:
+    """Pearson correlation in rational arithmetic: no overflow, no underflow, no rounding."""
+    scores, returns = [Fraction(float(v)) for v in scores], [Fraction(float(v)) for v in returns]
+    score_mean, return_mean = sum(scores) / len(scores), sum(returns) / len(returns)
+    covariance = sum((s - score_mean) * (r - return_mean) for s, r in zip(scores, returns))
+    score_square = sum((s - score_mean) ** 2 for s in scores)
+    return_square = sum((r - return_mean) ** 2 for r in returns)
+    return math.copysign(math.sqrt(covariance ** 2 / (score_square * return_square)),
+                         1.0 if covariance > 0 else -1.0)
+
+
+@pytest.mark.parametrize("score_scale, return_scale", [
+    (1e80, 1e80), (1e155, 1e155), (1e300, 1e-300), (1e-100, 1e-100), (1e-170, 1.0),
+    (5e-324, 1.0),  # subnormal scores: multiples of the smallest float
+])
+def test_extreme_magnitudes_neither_overflow_nor_underflow(score_scale, return_scale):
+    rng = np.random.default_rng(6)
+    scores = rng.integers(-50, 50, size=40) * score_scale
+    returns = rng.normal(size=40) * return_scale
+    result = daily_ic(np.zeros(40), scores, returns)
+    assert result.days_used == 1
+    assert result.ic == pytest.approx(_exact_pearson(scores, returns), abs=1e-12)
+    assert result.rank_ic == pytest.approx(spearmanr(scores, returns).statistic, abs=1e-12)
+
+
+def test_largest_floats_do_not_overflow_the_mean():
+    largest = np.finfo(np.float64).max
+    scores = np.array([largest, -largest, 0.0, 1.0, largest])
+    returns = np.arange(5.0)
+    assert daily_ic(np.zeros(5), scores, returns).ic == pytest.approx(
+        _exact_pearson(scores, returns), abs=1e-12)
+
+
+@pytest.mark.parametrize("days", [[1.0, 1.0, np.nan, 1.0],
+                                  np.array(["2024-01-02"] * 2 + ["NaT"] * 2, "datetime64[D]"),
+                                  ["a", "a", None, "a"]])
+def test_missing_day_ids_are_refused_with_their_position(days):
+    with pytest.raises(ValueError, match="days has .* missing value.*index 2"):
+        daily_ic(days, [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0])
+
+
+def test_torch_tensors_with_grad_and_bfloat16_are_accepted():
+    scores = torch.tensor([1.0, 3.0, 2.0, 4.0], requires_grad=True)
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16)
+    result = daily_ic(torch.zeros(4, dtype=torch.int64), scores, returns)
+    assert result.ic == pytest.approx(0.8)
+    assert result.rank_ic == pytest.approx(0.8)
