@@ -18,7 +18,7 @@ from scipy.stats import rankdata
 
 MIN_PAIRS = 3
 BLOCK_ENTRIES = 1 << 15  # node-days per block: its temporaries stay in cache and are reused
-SAFE_MAGNITUDE = 2.0 ** 400  # rows with a larger (or 1 / smaller) top |value| are rescaled
+SMALLEST_SQUARE = 2.0 ** -800  # a day's sum of squares below this is computed again, rescaled
 
 
 @dataclass
@@ -119,14 +119,8 @@ def _block_correlations(scores: np.ndarray, returns: np.ndarray):
     ranks = _centered_ranks(np.where(present, pair, np.inf).reshape(-1, pair.shape[2]),
                             np.tile(counts, 2)).reshape(pair.shape)  # (2, days, nodes)
     ranks *= present  # absent entries: 0
-    rank_ic = _row_pearson(ranks)
-
-    centered = np.where(present, pair, 0.0)  # (2, days, nodes)
-    _rescale_extreme_rows(centered)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centered -= (np.einsum("sdn->sd", centered) / counts)[..., None]
-    centered *= present
-    ic = _row_pearson(centered)
+    rank_ic, _ = _row_pearson(ranks)
+    ic = _value_pearson(pair, present, counts)
 
     # A side is constant exactly when all its centered ranks are 0; its Pearson denominator
     # may still be a rounding error above 0.
@@ -137,32 +131,59 @@ def _block_correlations(scores: np.ndarray, returns: np.ndarray):
     return ic, rank_ic
 
 
-def _rescale_extreme_rows(values: np.ndarray) -> None:
-    """Scale rows whose largest |value| is beyond 2**±400 by a power of two, in place.
+def _value_pearson(pair: np.ndarray, present: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Pearson correlation per day of the values themselves (the IC).
 
-    Squares and sums of such rows would overflow or sink into subnormal numbers; a power of
-    two changes no correlation and is exact, subnormal inputs included.
+    Days whose sums of squares overflow, or fall so low that products lose digits as
+    subnormal numbers (|values| beyond about 2**±400), are computed again after scaling each
+    side of the day by a power of two: exact, and no change to the correlation.
 
     Args:
-        values: both sides of a block, 0 where absent.  # (2, days, nodes)
+        pair: scores then returns.  # (2, days, nodes)
+        present: entries where both sides are finite.  # (days, nodes)
+        counts: present entries per day.  # (days,)
     """
-    largest = np.maximum(values.max(axis=2), -values.min(axis=2))  # (2, days)
-    extreme = (largest > SAFE_MAGNITUDE) | ((largest < 1.0 / SAFE_MAGNITUDE) & (largest > 0))
+    ic, square = _row_pearson(_centered(np.where(present, pair, 0.0), present, counts))
+
+    with np.errstate(invalid="ignore"):
+        extreme = ~((square > SMALLEST_SQUARE) & (square < np.inf)).all(axis=0)  # (days,)
     if extreme.any():
-        _, exponent = np.frexp(largest[extreme])
-        values[extreme] = np.ldexp(values[extreme], -exponent[:, None])
+        values = np.where(present[extreme], pair[:, extreme], 0.0)  # (2, extreme days, nodes)
+        largest = np.maximum(values.max(axis=2), -values.min(axis=2))  # (2, extreme days)
+        _, exponent = np.frexp(largest)
+        values = np.ldexp(values, -exponent[..., None])  # largest |value| now in [0.5, 1)
+        ic[extreme], _ = _row_pearson(_centered(values, present[extreme], counts[extreme]))
+    return ic
 
 
-def _row_pearson(centered: np.ndarray) -> np.ndarray:
+def _centered(values: np.ndarray, present: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each side of each day minus its mean over the present entries, in place; 0 where absent.
+
+    Args:
+        values: both sides, 0 where absent.  # (2, days, nodes)
+        present: entries where both sides are finite.  # (days, nodes)
+        counts: present entries per day.  # (days,)
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values -= (np.einsum("sdn->sd", values) / counts)[..., None]
+    values *= present
+    return values
+
+
+def _row_pearson(centered: np.ndarray):
     """Pearson correlation per day of the two centered sides (0 where absent).
 
     Args:
         centered: scores then returns, each minus its daily mean.  # (2, days, nodes)
+
+    Returns:
+        ``(correlation, square)``: per day, and each side's sum of squares.  # (days,), (2, days)
     """
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         covariance = np.einsum("dn,dn->d", centered[0], centered[1])
         square = np.einsum("sdn,sdn->sd", centered, centered)  # (2, days)
-        return np.clip(covariance / (np.sqrt(square[0]) * np.sqrt(square[1])), -1.0, 1.0)
+        correlation = covariance / (np.sqrt(square[0]) * np.sqrt(square[1]))
+    return np.clip(correlation, -1.0, 1.0), square
 
 
 def _ordered_keys(values: np.ndarray) -> np.ndarray:
