@@ -83,12 +83,13 @@ def _day_matrices(days, scores, returns):
     Returns:
         ``day_ids`` (days,), ``score_matrix`` and ``return_matrix`` (days, max_nodes).
     """
-    if len(days) > 1 and np.any(days[1:] < days[:-1]):
+    new_day = np.flatnonzero(days[1:] != days[:-1]) + 1  # (day changes,)
+    if np.any(days[new_day] < days[new_day - 1]):  # not sorted: sort, then find changes again
         order = np.argsort(days, kind="stable")
         days, scores, returns = days[order], scores[order], returns[order]
+        new_day = np.flatnonzero(days[1:] != days[:-1]) + 1
 
-    first_of_day = np.flatnonzero(np.r_[True, days[1:] != days[:-1]]) if len(days) else \
-        np.zeros(0, dtype=np.intp)
+    first_of_day = np.concatenate([[0], new_day]) if len(days) else new_day
     entries_per_day = np.diff(np.r_[first_of_day, len(days)])
     shape = (len(first_of_day), int(entries_per_day.max(initial=1)))
     if len(days) == shape[0] * shape[1]:  # every day the same size
