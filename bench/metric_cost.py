@@ -3,13 +3,13 @@
 The reference is the way qlib evaluates a signal: a frame indexed by (day, node), grouped by
 day, ``Series.corr`` (Pearson) and ``Series.corr(method="spearman")`` per group, the mean over
 days, and ICIR = mean / std (pandas ``std``, ddof = 1). Both must agree to 1e-9 on every day
-and on the four summary numbers; then the wall time of each is compared (best of several
-repeats, alternating the two).
+and on the four summary numbers; then the wall time of each is compared (alternating repeats:
+the best time of each, and the median of the per-repeat speed-ups).
 
 A last row says what bounds the speed: the sorting floor itself, two row-wise argsorts of the
 (days, nodes) matrices, which any exact RankIC needs.
 
-Run: ``python bench/metric_cost.py [--days 1000 --nodes 1000 --repeats 5]``.
+Run: ``python bench/metric_cost.py [--days 1000 --nodes 1000 --repeats 9]``.
 """
 
 import argparse

@@ -58,8 +58,8 @@ def _as_array(values, dtype=None) -> np.ndarray:
 
 
 def _validate(days, scores, returns):
-    days, scores, returns = _as_array(days), _as_array(scores, np.float64), \
-        _as_array(returns, np.float64)
+    days = _as_array(days)
+    scores, returns = _as_array(scores, np.float64), _as_array(returns, np.float64)
     if not len(days) == len(scores) == len(returns):
         raise ValueError(
             f"days, scores and returns must have one entry per node-day; got lengths "
